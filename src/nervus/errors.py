@@ -1,0 +1,88 @@
+"""The one error tree of nervus.
+
+Every error says whether a retry can help (``retryable``) and carries the context
+a user needs to act on it::
+
+    NervusError
+    ├── ConfigurationError        a setting is wrong; lists every problem at once
+    ├── SerializationError        bytes <-> event failed
+    │   ├── DecodeError           a payload does not match its type
+    │   └── UnknownEventType      no class is registered for a type name
+    ├── TransportError            the broker or the embedded log failed
+    │   ├── TransportUnavailable  cannot reach the broker (retryable)
+    │   └── TransportClosed       the transport or subscription was closed
+    └── HandlerError              raised by a handler (wraps the cause) in reports
+
+Ack, nack and dead-letter are calls on a subscription, never exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class NervusError(Exception):
+    """Base of every error nervus raises."""
+
+    retryable: bool = False
+
+
+class ConfigurationError(NervusError):
+    """One or more settings are wrong. ``problems`` lists each as ``key: what and how to fix``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid nervus configuration:\n{lines}")
+
+
+class SerializationError(NervusError):
+    """Converting between bytes and a typed event failed."""
+
+
+class DecodeError(SerializationError):
+    """A payload could not be decoded into its declared type."""
+
+    def __init__(self, event_type: str, reason: str) -> None:
+        self.event_type = event_type
+        self.reason = reason
+        super().__init__(f"cannot decode event of type {event_type!r}: {reason}")
+
+
+class UnknownEventType(SerializationError):
+    """No event class is registered for a type name."""
+
+    def __init__(self, event_type: str, known: Sequence[str] = ()) -> None:
+        self.event_type = event_type
+        hint = f"; registered types: {', '.join(sorted(known))}" if known else ""
+        super().__init__(f"unknown event type {event_type!r}{hint}")
+
+
+class TransportError(NervusError):
+    """The broker or the embedded log failed an operation."""
+
+    def __init__(self, message: str, *, channel: str | None = None) -> None:
+        self.channel = channel
+        where = f" (channel {channel!r})" if channel else ""
+        super().__init__(f"{message}{where}")
+
+
+class TransportUnavailable(TransportError):
+    """The broker cannot be reached; a retry later can succeed."""
+
+    retryable = True
+
+
+class TransportClosed(TransportError):
+    """The transport or the subscription has been closed."""
+
+
+class HandlerError(NervusError):
+    """A handler failed; ``__cause__`` is the original exception."""
+
+    retryable = True
+
+    def __init__(self, handler: str, event_type: str, cause: BaseException) -> None:
+        self.handler = handler
+        self.event_type = event_type
+        super().__init__(f"handler {handler!r} failed on {event_type!r}: {cause!r}")
