@@ -2,7 +2,15 @@
 
 from nervus.core._clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock
 from nervus.core._envelope import Envelope
-from nervus.core._event import REGISTRY, Command, Event, Message, TypeRegistry, channel_of, type_name
+from nervus.core._event import (
+    REGISTRY,
+    Command,
+    Event,
+    Message,
+    TypeRegistry,
+    channel_of,
+    type_name,
+)
 from nervus.core._ids import new_id, uuid7, uuid7_time_ms
 
 __all__ = [

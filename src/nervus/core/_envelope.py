@@ -50,7 +50,7 @@ class Envelope(msgspec.Struct, kw_only=True, gc=False):
     def new(
         cls,
         *,
-        type: str,  # noqa: A002 - the CloudEvents attribute name
+        type: str,
         source: str,
         data: bytes,
         subject: str | None = None,

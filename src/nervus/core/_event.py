@@ -23,11 +23,9 @@ from nervus.errors import ConfigurationError, UnknownEventType
 _TYPE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9_-]+)+$")
 _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 
-_StructMeta: type = type(msgspec.Struct)
-
 
 @dataclass_transform(kw_only_default=True, frozen_default=True)
-class _MessageMeta(_StructMeta):  # type: ignore[misc, valid-type]
+class _MessageMeta(msgspec.StructMeta):
     """Takes nervus's class keywords (type, channel, key) before msgspec sees the rest."""
 
     def __new__(
@@ -35,12 +33,12 @@ class _MessageMeta(_StructMeta):  # type: ignore[misc, valid-type]
         name: str,
         bases: tuple[type, ...],
         namespace: dict[str, Any],
-        type: str | None = None,  # noqa: A002 - the CloudEvents attribute name
+        type: str | None = None,
         channel: str | None = None,
         key: str | None = None,
         **struct_options: Any,
     ) -> Any:
-        cls = super().__new__(mcls, name, bases, namespace, **struct_options)
+        cls: Any = super().__new__(mcls, name, bases, namespace, **struct_options)
         if type is None:
             if channel is not None or key is not None:
                 raise ConfigurationError([f"{name}: channel= and key= need type= as well"])
@@ -48,7 +46,8 @@ class _MessageMeta(_StructMeta):  # type: ignore[misc, valid-type]
         problems = []
         if not _TYPE_NAME.match(type):
             problems.append(
-                f"{name}: type={type!r} must be dotted lower-case words, e.g. 'shop.order.placed.v1'"
+                f"{name}: type={type!r} must be dotted lower-case words, "
+                "e.g. 'shop.order.placed.v1'"
             )
         chan = channel if channel is not None else _default_channel(type)
         if not _CHANNEL_NAME.match(chan):
@@ -101,7 +100,10 @@ def type_name(cls: type[Message]) -> str:
         return cls.__message_type__
     except AttributeError:
         raise ConfigurationError(
-            [f"{cls.__qualname__}: declare a type name, e.g. class {cls.__name__}(Event, type='app.thing.done.v1')"]
+            [
+                f"{cls.__qualname__}: declare a type name, "
+                f"e.g. class {cls.__name__}(Event, type='app.thing.done.v1')"
+            ]
         ) from None
 
 
@@ -121,7 +123,10 @@ class TypeRegistry:
         name = cls.__message_type__
         known = self._by_name.get(name)
         if known is not None and known is not cls:
-            same_place = (known.__module__, known.__qualname__) == (cls.__module__, cls.__qualname__)
+            same_place = (known.__module__, known.__qualname__) == (
+                cls.__module__,
+                cls.__qualname__,
+            )
             if not same_place:
                 raise ConfigurationError(
                     [

@@ -51,13 +51,12 @@ Closing
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
-
-import zlib
 
 import msgspec
 
@@ -148,7 +147,9 @@ def dead_letter_channel(channel: str, group: str) -> str:
     return f"{channel}.{group}.dlq"
 
 
-def dead_letter_message(delivery: Delivery, group: str, reason: DeadLetterReason) -> OutgoingMessage:
+def dead_letter_message(
+    delivery: Delivery, group: str, reason: DeadLetterReason
+) -> OutgoingMessage:
     """The dead-letter copy of a delivery: the original body and headers, plus
     ``nervus_dlq_*`` headers with the reason and the original position."""
     headers = dict(delivery.headers)

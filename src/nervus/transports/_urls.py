@@ -39,7 +39,9 @@ def from_url(url: str, *, key: str = "NERVUS_TRANSPORT") -> Transport:
     target = _SCHEMES.get(scheme)
     if target is None:
         accepted = ", ".join(f"{s}://" for s in sorted(_SCHEMES))
-        raise ConfigurationError([f"{key}={url!r}: unknown scheme {scheme!r}; accepted: {accepted}"])
+        raise ConfigurationError(
+            [f"{key}={url!r}: unknown scheme {scheme!r}; accepted: {accepted}"]
+        )
     module_name, _, attr = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -89,5 +91,5 @@ def _single_field(settings: type[msgspec.Struct], name: str) -> type[dict[str, A
     annotation = msgspec.structs.fields(settings)
     for f in annotation:
         if f.name == name:
-            return dict[str, f.type]  # type: ignore[name-defined, return-value]
+            return dict[str, f.type]  # type: ignore[name-defined]
     raise KeyError(name)

@@ -1,0 +1,162 @@
+"""Run the shop: start its services, place orders, watch them settle, check the books.
+
+    python -m examples.shop [--orders 10000] [--in-process]
+
+Each service runs in its own process (``nervus run examples.shop.<name>:service``)
+on the transport that ``NERVUS_TRANSPORT`` names (by default an embedded SQLite
+log under ``.nervus/shop``). Exits 0 only when every order reached a final state,
+every customer was notified and the stock books balance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from examples.shop._audit import Audit
+from examples.shop._report import render
+from examples.shop._state import STATE_DIR_VARIABLE
+from examples.shop.events import OrderPlaced
+from examples.shop.payments import FAIL_RATE_VARIABLE
+from nervus import Service
+
+SERVICE_NAMES = ("orders", "inventory", "payments", "shipping", "notifications")
+SKUS = ["sku-book", "sku-lamp", "sku-mug", "sku-limited"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m examples.shop", description=__doc__)
+    parser.add_argument("--orders", type=int, default=10_000, help="orders to place")
+    parser.add_argument("--fail-rate", type=float, default=0.1, help="share of payments declined")
+    parser.add_argument("--poison", type=int, default=2, help="undecodable messages to inject")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many s")
+    parser.add_argument("--state", default=".nervus/shop", help="folder for the log and tables")
+    parser.add_argument(
+        "--in-process", action="store_true", help="run every service in this process"
+    )
+    return parser.parse_args(argv)
+
+
+def make_orders(count: int, rng: random.Random) -> list[OrderPlaced]:
+    result = []
+    for n in range(count):
+        quantity = rng.randint(1, 3)
+        result.append(
+            OrderPlaced(
+                order_id=f"order-{n:06d}",
+                customer_id=f"customer-{rng.randint(1, 500):03d}",
+                sku=rng.choice(SKUS),
+                quantity=quantity,
+                amount_cents=quantity * rng.choice([1299, 2450, 899]),
+            )
+        )
+    return result
+
+
+class Processes:
+    """The services, each in a process of its own, started with ``nervus run``."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self._env = env
+        self._log_dir = log_dir
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        for name in SERVICE_NAMES:
+            log = open(self._log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            self._procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "nervus", "run", f"examples.shop.{name}:service"],
+                env=self._env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def crashed(self) -> list[str]:
+        return [n for n, p in self._procs.items() if p.poll() is not None]
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {}
+        deadline = time.monotonic() + timeout
+        for name, proc in self._procs.items():
+            try:
+                codes[name] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """A fresh state folder, and the environment every service process inherits."""
+    state = Path(args.state)
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    os.environ.setdefault("NERVUS_TRANSPORT", f"sqlite:///{state}/log.db")
+    os.environ[STATE_DIR_VARIABLE] = str(state)
+    os.environ[FAIL_RATE_VARIABLE] = str(args.fail_rate)
+    return state
+
+
+async def main(args: argparse.Namespace, state: Path) -> int:
+    services = {
+        name: importlib.import_module(f"examples.shop.{name}").service for name in SERVICE_NAMES
+    }
+    placed = make_orders(args.orders, random.Random(7))
+    storefront = Service("storefront")
+    audit = Audit(total=len(placed), consumers=services)
+    processes: Processes | None = None
+    started = time.perf_counter()
+    async with storefront:
+        await audit.start(storefront.transport)
+        if args.in_process:
+            for svc in services.values():
+                await svc.start()
+        else:
+            processes = Processes(dict(os.environ), state)
+            processes.start()
+        try:
+            publishing = asyncio.create_task(_place(storefront, placed, audit))
+            await audit.inject_poison(storefront.transport, args.poison)
+            finished = await audit.watch(
+                timeout=args.timeout,
+                crashed=processes.crashed if processes else lambda: [],
+                expected_dead_letters=audit.expected_dead_letters(args.poison),
+            )
+            await publishing
+        finally:
+            exit_codes = processes.stop() if processes else await _stop_in_process(services)
+            await audit.close()
+    elapsed = time.perf_counter() - started
+    books = audit.books(inventory_db=state / "inventory.db", orders_db=state / "orders.db")
+    ok = render(audit, books, exit_codes, elapsed, finished)
+    return 0 if ok else 1
+
+
+async def _place(storefront: Service, placed: list[OrderPlaced], audit: Audit) -> None:
+    for start in range(0, len(placed), 500):
+        batch = placed[start : start + 500]
+        audit.placed_at(batch, time.perf_counter())
+        await storefront.publish_many(batch)
+
+
+async def _stop_in_process(services: dict[str, Service]) -> dict[str, int]:
+    for svc in services.values():
+        await svc.stop()
+    return {name: 0 for name in services}
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    sys.exit(asyncio.run(main(arguments, prepare(arguments))))

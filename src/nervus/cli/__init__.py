@@ -1,0 +1,31 @@
+"""The ``nervus`` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from nervus.cli._run import run_command
+
+app = typer.Typer(
+    name="nervus",
+    help="Typed event-driven microservices on a durable log.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Typed event-driven microservices on a durable log."""
+
+
+app.command("run")(run_command)
+
+
+def main() -> None:
+    """Entry point of the ``nervus`` console script."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,24 @@
+"""The service runtime: handlers, keyed concurrency, retries, settlement, shutdown.
+
+Knows the transport contract, never which broker is behind it.
+"""
+
+from nervus.runtime._config import Settings
+from nervus.runtime._context import Context, DeliveryInfo, HandlerLogger, current_context
+from nervus.runtime._dispatch import KeyedDispatcher
+from nervus.runtime._handlers import Handler, Registration
+from nervus.runtime._retry import RetryPolicy
+from nervus.runtime._service import Service
+
+__all__ = [
+    "Context",
+    "DeliveryInfo",
+    "Handler",
+    "HandlerLogger",
+    "KeyedDispatcher",
+    "Registration",
+    "RetryPolicy",
+    "Service",
+    "Settings",
+    "current_context",
+]

@@ -1,0 +1,340 @@
+"""SQLite connections that run on threads of their own, and the group-committing writer.
+
+Every SQLite call runs on the thread of its connection, never on the event loop:
+readers on a single-thread executor, the writer on its own thread. Writes go
+through ``Writer``: operations submitted while a transaction is running are
+coalesced into the next one, so many concurrent publishes, offset commits and
+lease renewals cost one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (one fsync) together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from nervus.errors import TransportError, TransportUnavailable
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+log = logging.getLogger("nervus.transports.sqlite")
+
+_LOCKED = ("database is locked", "database table is locked", "database schema is locked")
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    return any(text in str(exc) for text in _LOCKED)
+
+
+def retry_busy(conn: sqlite3.Connection, sql: str, busy_timeout: float) -> None:
+    """Execute ``sql``, retrying while another process holds the lock.
+
+    The writer's own short sleeps (0.2-2 ms) replace SQLite's busy handler, whose
+    back-off grows to 100 ms and would show up as latency under contention.
+    """
+    deadline = time.monotonic() + busy_timeout
+    pause = 0.0002
+    while True:
+        try:
+            conn.execute(sql)
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.002)
+
+
+def open_connection(
+    path: str, *, writer: bool, synchronous: str, busy_timeout: float
+) -> sqlite3.Connection:
+    """A connection in WAL mode with nervus's settings. The writer handles "busy"
+    itself (``retry_busy``); readers let SQLite wait up to ``busy_timeout``."""
+    conn = sqlite3.connect(
+        path,
+        timeout=0.0 if writer else busy_timeout,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    try:
+        if writer:
+            retry_busy(conn, "PRAGMA journal_mode=WAL", busy_timeout)
+        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("PRAGMA cache_size=-16000")
+        # Checkpoints run on their own connection and thread (``checkpoint``),
+        # so a commit never waits for the WAL to be copied into the database.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA journal_size_limit=67108864")  # truncate a grown WAL
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class Connection:
+    """A reading SQLite connection bound to one thread; ``run`` calls a function on it
+    there (the writer has its own thread, see ``Writer``)."""
+
+    def __init__(self, path: str, *, name: str, synchronous: str, busy_timeout: float) -> None:
+        self.path = path
+        self.name = name
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"nervus-sqlite-{self.name}")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    def _open(self) -> None:
+        self._conn = open_connection(
+            self.path, writer=False, synchronous=self._synchronous, busy_timeout=self._busy_timeout
+        )
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        conn, executor = self._conn, self._executor
+        if conn is None or executor is None:
+            raise TransportUnavailable(f"the SQLite connection to {self.path} is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, fn, conn, *args)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        if conn is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        executor.shutdown(wait=False)
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Copy committed WAL frames into the database without blocking writers or
+    readers; returns SQLite's (busy, frames in the WAL, frames checkpointed)."""
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(done)
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _run_batch(conn: sqlite3.Connection, ops: list[Operation], busy_timeout: float) -> list[object]:
+    """Run every operation in one write transaction. If one fails, the transaction is
+    rolled back and each operation runs again in a transaction of its own, so one
+    failing operation does not undo the others (savepoints would cost two more
+    statements per operation on every batch, not only on failure)."""
+    try:
+        return _transaction(conn, ops, busy_timeout)
+    except _OperationFailed as failed:
+        if len(ops) == 1:
+            return [_Failed(failed.error)]
+    results: list[object] = []
+    for op in ops:
+        try:
+            results.append(_transaction(conn, [op], busy_timeout)[0])
+        except _OperationFailed as failed:
+            results.append(_Failed(failed.error))
+    return results
+
+
+class _OperationFailed(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _transaction(
+    conn: sqlite3.Connection, ops: list[Operation], busy_timeout: float
+) -> list[object]:
+    retry_busy(conn, "BEGIN IMMEDIATE", busy_timeout)
+    try:
+        results: list[object] = []
+        for op in ops:
+            try:
+                results.append(op(conn))
+            except Exception as exc:
+                raise _OperationFailed(exc) from exc
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+class Writer:
+    """Coalesces write operations from many callers into few transactions.
+
+    The writer has a thread and a connection of its own. The thread takes every
+    operation queued so far, runs them in one transaction, hands the results back
+    to the event loop and at once takes what was queued meanwhile: while one
+    transaction commits, the next one fills up. The thread is a daemon, so an
+    application that never closes its transport still exits (SQLite discards a
+    transaction that did not commit).
+    """
+
+    def __init__(
+        self, path: str, *, synchronous: str, busy_timeout: float, on_commit: Callable[[], None]
+    ) -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._on_commit = on_commit
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._queue: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._relaxed_queued = 0  # queued operations that need no fsync of their own
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self.transactions = 0  # committed so far; shows how well writes coalesce
+
+    @property
+    def running(self) -> bool:
+        return self._stopped is not None and not self._stopping
+
+    async def open(self) -> None:
+        """Start the thread and open its connection (errors are raised here)."""
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        self._loop, self._stopping = loop, False
+        self._stopped = loop.create_future()
+        thread = threading.Thread(
+            target=self._serve, args=(opened,), name="nervus-sqlite-writer", daemon=True
+        )
+        thread.start()
+        try:
+            await opened
+        except BaseException:
+            self._stopped = None
+            raise
+
+    async def submit(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run ``op`` inside a write transaction; returns its result once committed.
+
+        ``durable=False`` (consumer positions, lease renewals) lets a transaction
+        made only of such operations commit with ``synchronous=NORMAL``: it skips
+        its own fsync, holding the lock for less time, and becomes durable with
+        the next fsync of the WAL. A power loss can lose it; a process crash
+        cannot. Losing a position means a redelivery, which at-least-once allows.
+        """
+        if not self.running:
+            raise TransportUnavailable(f"the SQLite writer of {self.path} is not running")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._queue.append((op, fut))
+            if not durable:
+                self._relaxed_queued += 1
+            self._wakeup.notify()
+        return await fut
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the thread and close its connection."""
+        stopped = self._stopped
+        if stopped is None or self._stopping:
+            return
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
+        await stopped
+        self._stopped = None
+
+    def _serve(self, opened: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = open_connection(
+                self.path,
+                writer=True,
+                synchronous=self._synchronous,
+                busy_timeout=self._busy_timeout,
+            )
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_resolve, opened, exc)
+            return
+        loop.call_soon_threadsafe(_resolve, opened, None)
+        configured = self._synchronous.upper()
+        current = configured
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._stopping:
+                        self._wakeup.wait()
+                    if not self._queue:
+                        break
+                    batch, self._queue = self._queue, []
+                    relaxed = self._relaxed_queued == len(batch)
+                    self._relaxed_queued = 0
+                wanted = "NORMAL" if relaxed and configured == "FULL" else configured
+                if wanted != current:
+                    conn.execute(f"PRAGMA synchronous={wanted}")
+                    current = wanted
+                try:
+                    results: list[object] | BaseException = _run_batch(
+                        conn, [op for op, _ in batch], self._busy_timeout
+                    )
+                except Exception as exc:
+                    results = exc
+                loop.call_soon_threadsafe(self._settle, batch, results)
+        finally:
+            conn.close()
+            loop.call_soon_threadsafe(_resolve, self._stopped, None)
+
+    def _settle(
+        self,
+        batch: list[tuple[Operation, asyncio.Future[Any]]],
+        results: list[object] | BaseException,
+    ) -> None:
+        if isinstance(results, BaseException):
+            error = _as_transport_error(results, self.path)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        self.transactions += 1
+        self._on_commit()
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue  # the caller gave up waiting; the write stands
+            if isinstance(result, _Failed):
+                fut.set_exception(_as_transport_error(result.error, self.path))
+            else:
+                fut.set_result(result)
+
+
+def _resolve(fut: asyncio.Future[None] | None, error: BaseException | None) -> None:
+    if fut is None or fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _as_transport_error(exc: BaseException, path: str) -> BaseException:
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
+        error: TransportError = TransportUnavailable(
+            f"the SQLite database {path} stayed locked by another process beyond busy_timeout "
+            f"({exc}); raise busy_timeout or reduce the writers"
+        )
+    elif isinstance(exc, sqlite3.Error):
+        error = TransportError(f"SQLite write to {path} failed: {exc}")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
