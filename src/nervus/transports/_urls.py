@@ -21,6 +21,10 @@ S = TypeVar("S", bound=msgspec.Struct)
 _SCHEMES: dict[str, str] = {
     "memory": "nervus.transports.memory:MemoryTransport.from_url",
     "sqlite": "nervus.transports.sqlite:SqliteTransport.from_url",
+    "kafka": "nervus.transports.kafka:KafkaTransport.from_url",
+    "nats": "nervus.transports.nats:NatsTransport.from_url",
+    "redis": "nervus.transports.redis:RedisTransport.from_url",
+    "postgresql": "nervus.transports.postgres:PostgresTransport.from_url",
 }
 
 
