@@ -11,7 +11,7 @@ BROKER ?= sqlite
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e ".[test,lint]"
+	@$(PY) -m pip install --quiet -e ".[test,lint,bench]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -54,3 +54,8 @@ def from_delivery(headers: dict[str, str], body: bytes) -> OrderPlaced:
     if envelope.type != OrderPlaced.__message_type__:
         raise ValueError(f"unexpected event type {envelope.type!r}")
     return JSON_CODEC.decode(envelope.data, OrderPlaced, type_name=envelope.type)
+
+
+def decode_body(body: bytes) -> OrderPlaced:
+    """The payload alone decoded into the typed event (for queues without headers)."""
+    return JSON_CODEC.decode(body, OrderPlaced, type_name=OrderPlaced.__message_type__)

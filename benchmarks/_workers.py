@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks._event import CHANNEL, from_delivery, make_event, to_message
+from benchmarks._event import CHANNEL, decode_body, from_delivery, make_event, to_message
 from nervus.transports import Transport, from_url
 
 GROUP = "bench"
@@ -202,6 +202,45 @@ def raw_consumer(path: str, events: int, fetch: int, partitions: int) -> None:
     report(first_delivery=first, last_ack=last_ack, received=received)
 
 
+# -- the peer: persist-queue's SQLiteAckQueue -------------------------------------------
+# A durable SQLite-backed queue with acknowledgements, used with its defaults: each
+# ``put`` commits on its own, each ``get`` marks the item unacked, ``ack`` settles it.
+
+
+def peer_producer(path: str, events: int) -> None:
+    import persistqueue
+
+    queue = persistqueue.SQLiteAckQueue(path, multithreading=False)
+    report(ready=True)
+    wait_for_go()
+    started = time.time()
+    for n in range(events):
+        queue.put(to_message(make_event(n)).body)
+    finished = time.time()
+    report(first_publish=started, last_publish=finished, events=events)
+
+
+def peer_consumer(path: str, events: int) -> None:
+    import persistqueue
+
+    queue = persistqueue.SQLiteAckQueue(path, multithreading=False)
+    report(ready=True)
+    received = 0
+    first: float | None = None
+    while received < events:
+        try:
+            item = queue.get(block=True, timeout=0.5)
+        except persistqueue.Empty:
+            continue
+        if first is None:
+            first = time.time()
+        decode_body(item)
+        queue.ack(item)
+        received += 1
+    last_ack = time.time()
+    report(first_delivery=first, last_ack=last_ack, received=received)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks._workers")
     parser.add_argument(
@@ -213,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             "latency-consumer",
             "raw-producer",
             "raw-consumer",
+            "peer-producer",
+            "peer-consumer",
         ],
     )
     parser.add_argument("target", help="transport URL (nervus) or database path (raw)")
@@ -235,6 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(nervus_consumer(args.target, total, args.fetch, latency=True))
     elif args.role == "raw-producer":
         raw_producer(args.target, args.events, args.batch, args.partitions)
+    elif args.role == "peer-producer":
+        peer_producer(args.target, args.events)
+    elif args.role == "peer-consumer":
+        peer_consumer(args.target, args.events)
     else:
         raw_consumer(args.target, args.events, args.fetch, args.partitions)
 

@@ -169,6 +169,34 @@ def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Any
     }
 
 
+def measure_peer(args: argparse.Namespace, workdir: Path, nervus_rate: float) -> dict[str, Any]:
+    """The peer library on the same machine and file system: persist-queue's
+    SQLiteAckQueue (a durable SQLite queue with acks), one producer process putting
+    each event, one consumer process getting, decoding and acking each, with the
+    library's defaults. Its rate is low, so it runs ``--peer-events`` events."""
+    events = min(args.peer_events, args.events)
+    path = str(workdir / "peer")
+    figures = pair(
+        ["peer-producer", path, "--events", str(events)],
+        ["peer-consumer", path, "--events", str(events)],
+        args.timeout,
+    )
+    rate = throughput(figures, events)
+    return {
+        "library": "persist-queue " + _version("persist-queue"),
+        "events": events,
+        "events_per_s": round(rate),
+        "cpu_us_per_event": cpu_per_event(figures, events),
+        "ratio_nervus_to_peer": round(nervus_rate / rate, 1),
+    }
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import version
+
+    return version(distribution)
+
+
 def measure_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Figure 4: publish-to-consume latency at a fixed low rate, one event per publish."""
     url = f"sqlite:///{workdir / 'latency.db'}?{url_options(args)}"
@@ -214,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s of the latency run")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of the latency run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of the throughput figures")
-    parser.add_argument("--only", choices=["throughput", "latency"], default=None)
+    parser.add_argument("--only", choices=["throughput", "latency", "peer"], default=None)
+    parser.add_argument(
+        "--peer-events", type=int, default=3000, help="events of the peer library's run"
+    )
     parser.add_argument("--dir", default=None, help="where the database files go")
     parser.add_argument(
         "--options", default="", help="more sqlite:// URL options, e.g. 'poll_interval=0.002'"
@@ -250,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.only in (None, "throughput"):
             document["throughput"] = measure_throughput(args, workdir)
+        if args.only is None:
+            rate = document["throughput"]["nervus_events_per_s"]
+            document["peer"] = measure_peer(args, workdir, rate)
         if args.only in (None, "latency"):
             document["latency"] = measure_latency(args, workdir)
     finally:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,18 @@ def wait_until(predicate: object, timeout: float, what: str, log_path: Path) -> 
         time.sleep(0.05)
 
 
+def split_evenly(tmp_path: Path) -> bool:
+    """Both workers own half of the channel's partitions (read from the log's own tables)."""
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        owned = db.execute(
+            "SELECT member, count(*) FROM nervus_owners WHERE grp = 'runcmd' GROUP BY member"
+        ).fetchall()
+        (partitions,) = db.execute(
+            "SELECT partitions FROM nervus_channels WHERE name = 'runcmd.job'"
+        ).fetchone() or (0,)
+    return len(owned) == 2 and all(count == partitions // 2 for _, count in owned)
+
+
 def handled(tmp_path: Path) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
     for path in (tmp_path / "handled").glob("*.log"):
@@ -112,7 +125,7 @@ def test_two_workers_share_the_group_and_stop_on_sigterm(tmp_path: Path) -> None
             "both workers to start",
             log_path,
         )
-        time.sleep(1.0)  # let the two members settle the partition assignment
+        wait_until(lambda: split_evenly(tmp_path), 30, "the partitions to be split", log_path)
         jobs = [f"job-{i}" for i in range(300)]
         publish(url, jobs)
         wait_until(lambda: sum(handled(tmp_path).values()) >= len(jobs), 30, "the jobs", log_path)

@@ -71,3 +71,21 @@ class ManualClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+_second = -1
+_second_text = ""
+
+
+def rfc3339_now() -> str:
+    """The current UTC time as RFC 3339 text with microseconds: ``2026-11-26T16:30:00.123456Z``.
+
+    The date and time up to the second are formatted once per second.
+    """
+    global _second, _second_text
+    ns = time.time_ns()
+    second, micros = divmod(ns // 1000, 1_000_000)
+    if second != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second
+    return f"{_second_text}.{micros:06d}Z"

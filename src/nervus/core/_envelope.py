@@ -16,10 +16,10 @@ is the message body and each attribute is a header named ``ce_<attribute>``;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 
 import msgspec
 
+from nervus.core._clock import rfc3339_now
 from nervus.core._ids import new_id
 
 SPEC_VERSION = "1.0"
@@ -80,7 +80,7 @@ class Envelope(msgspec.Struct, kw_only=True, gc=False):
             type=type,
             source=source,
             data=data,
-            time=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            time=rfc3339_now(),
             subject=subject,
             datacontenttype=datacontenttype,
             dataschema=dataschema,

@@ -1,0 +1,63 @@
+"""The code in the README runs, and does what the README says it does."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nervus import Envelope, Service, Settings
+from nervus.codecs import JSON_CODEC
+from nervus.transports import from_url
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    text = README.read_text()
+    first_block = re.search(r"```sh\n(.*?)```", text, flags=re.DOTALL)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
+    assert commands == ["make demo", "make test"]
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, flags=re.MULTILINE)
+    assert re.search(r"^test:", makefile, flags=re.MULTILINE)
+
+
+async def test_the_service_example_handles_an_event_and_publishes_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = f"memory://readme-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("NERVUS_TRANSPORT", url)
+    (block,) = python_blocks(README.read_text())
+    module = types.ModuleType("readme_example")
+    exec(compile(block, str(README), "exec"), module.__dict__)
+    payments: Service = module.payments
+    order_placed, payment_captured = module.OrderPlaced, module.PaymentCaptured
+
+    storefront = Service("storefront", settings=Settings(transport=url))
+    watcher = from_url(url)
+    async with watcher, storefront, payments:
+        answers = await watcher.subscribe(["store.payment"], "readme-watcher")
+        await storefront.publish(order_placed(order_id="o-1", amount_cents=1200))
+        async with asyncio.timeout(10):
+            got = []
+            while not got:
+                got = list(await answers.fetch(10, 0.2))
+        headers = got[0].headers
+        envelope = Envelope.from_headers(headers, got[0].body)
+        assert envelope.type == "store.payment.captured.v1"
+        assert JSON_CODEC.decode(envelope.data, payment_captured) == payment_captured(
+            order_id="o-1"
+        )
+        assert envelope.causationid is not None
+        assert envelope.correlationid == envelope.causationid, "caused by the first event"
+        await answers.ack(got)
