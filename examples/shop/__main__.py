@@ -36,6 +36,9 @@ SKUS = ["sku-book", "sku-lamp", "sku-mug", "sku-limited"]
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m examples.shop", description=__doc__)
     parser.add_argument("--orders", type=int, default=10_000, help="orders to place")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="orders placed per second (0: all at once)"
+    )
     parser.add_argument("--fail-rate", type=float, default=0.1, help="share of payments declined")
     parser.add_argument("--poison", type=int, default=2, help="undecodable messages to inject")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many s")
@@ -127,7 +130,7 @@ async def main(args: argparse.Namespace, state: Path) -> int:
             processes = Processes(dict(os.environ), state)
             processes.start()
         try:
-            publishing = asyncio.create_task(_place(storefront, placed, audit))
+            publishing = asyncio.create_task(_place(storefront, placed, audit, args.rate))
             await audit.inject_poison(storefront.transport, args.poison)
             finished = await audit.watch(
                 timeout=args.timeout,
@@ -144,9 +147,15 @@ async def main(args: argparse.Namespace, state: Path) -> int:
     return 0 if ok else 1
 
 
-async def _place(storefront: Service, placed: list[OrderPlaced], audit: Audit) -> None:
-    for start in range(0, len(placed), 500):
-        batch = placed[start : start + 500]
+async def _place(storefront: Service, placed: list[OrderPlaced], audit: Audit, rate: float) -> None:
+    """Place the orders at ``rate`` per second, in small batches (all at once for 0)."""
+    batch_size = 500 if rate <= 0 else max(1, int(rate / 20))
+    began = time.perf_counter()
+    for start in range(0, len(placed), batch_size):
+        if rate > 0:
+            due = began + start / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        batch = placed[start : start + batch_size]
         audit.placed_at(batch, time.perf_counter())
         await storefront.publish_many(batch)
 
