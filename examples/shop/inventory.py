@@ -21,7 +21,7 @@ INITIAL_STOCK = {
     "sku-book": 1_000_000,
     "sku-lamp": 1_000_000,
     "sku-mug": 1_000_000,
-    "sku-limited": 300,
+    "sku-limited": 3000,
 }
 
 _SCHEMA = """
