@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -9,7 +10,16 @@ import msgspec
 import pytest
 
 from nervus.codecs import JSON_CODEC
-from nervus.core import REGISTRY, Envelope, Event, channel_of, type_name, uuid7, uuid7_time_ms
+from nervus.core import (
+    REGISTRY,
+    Envelope,
+    Event,
+    channel_of,
+    new_id,
+    type_name,
+    uuid7,
+    uuid7_time_ms,
+)
 from nervus.errors import ConfigurationError, DecodeError, UnknownEventType
 
 pytestmark = pytest.mark.unit
@@ -32,6 +42,34 @@ def test_uuid7_layout_order_and_time() -> None:
     assert ids == sorted(ids), "ids of one process must be strictly increasing"
     assert len(set(ids)) == len(ids)
     assert before <= uuid7_time_ms(ids[0]) <= uuid7_time_ms(str(ids[-1])) <= after + 1
+
+
+def test_new_id_is_the_canonical_text_of_a_uuid7() -> None:
+    ids = [new_id() for _ in range(20_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2000]:
+        parsed = uuid.UUID(text)
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    reader, writer = os.pipe()
+    new_id()  # the parent has random bytes buffered before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: write its ids and leave at once
+        os.write(writer, "\n".join(new_id() for _ in range(200)).encode())
+        os._exit(0)
+    os.close(writer)
+    mine = {new_id() for _ in range(200)}
+    with os.fdopen(reader) as pipe:
+        theirs = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    assert len(theirs) == 200
+    assert not mine & theirs
+    assert {t[19:] for t in theirs}.isdisjoint({m[19:] for m in mine}), "random bits repeat"
 
 
 def test_event_declaration_gives_type_channel_and_key() -> None:

@@ -24,23 +24,25 @@ def _forget_random() -> None:
 os.register_at_fork(after_in_child=_forget_random)
 
 
-def _uuid7_int() -> int:
-    """The 128 bits of a new UUIDv7.
+def _next() -> tuple[int, int, bytes]:
+    """The parts of a new UUIDv7: Unix milliseconds, a 12-bit counter, 8 random bytes
+    (of which the low 62 bits are used).
 
-    Layout: 48-bit Unix milliseconds, version 7, a 12-bit counter seeded at random
-    each millisecond (``rand_a``, RFC 9562 method 1), variant, 62 random bits from
-    ``os.urandom``. Within one process values strictly increase.
+    The counter is seeded at random each millisecond and counts up within it
+    (RFC 9562 method 1), so within one process ids strictly increase. Random bits
+    come from ``os.urandom``, fetched in batches.
     """
     global _last_ms, _counter, _random, _random_at
     with _lock:
         ms = time.time_ns() // 1_000_000
         if _random_at + 10 > len(_random):
             _random, _random_at = os.urandom(_RANDOM_BATCH), 0
-        chunk = _random[_random_at : _random_at + 10]
-        _random_at += 10
+        at = _random_at
+        _random_at = at + 10
+        chunk = _random[at : at + 10]
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(chunk[8:10]) & 0x7FF
+            _counter = int.from_bytes(chunk[8:]) & 0x7FF
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
@@ -48,19 +50,37 @@ def _uuid7_int() -> int:
                 _counter = 0
             ms = _last_ms
         counter = _counter
-    rand_b = int.from_bytes(chunk[:8]) & 0x3FFF_FFFF_FFFF_FFFF
-    return (ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b
+    return ms, counter, chunk[:8]
 
 
 def uuid7() -> uuid.UUID:
-    """A new UUIDv7."""
-    return uuid.UUID(int=_uuid7_int())
+    """A new UUIDv7 (RFC 9562): 48-bit Unix milliseconds, version 7, 12-bit counter,
+    variant, 62 random bits."""
+    ms, counter, random = _next()
+    rand_b = int.from_bytes(random) & 0x3FFF_FFFF_FFFF_FFFF
+    return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b)
+
+
+_prefix_ms = -1
+_prefix = ""
+_COUNTER_HEX = [f"{n:03x}" for n in range(0x1000)]
+# the first hex digit of the random half, with the two variant bits set to 0b10
+_VARIANT_HEX = {f"{n:x}": "89ab"[n & 3] for n in range(16)}
 
 
 def new_id() -> str:
-    """A new message id: a UUIDv7 in its canonical text form."""
-    h = "%032x" % _uuid7_int()  # noqa: UP031 - the fastest way to 32 hex digits
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A new message id: a UUIDv7 in its canonical text form.
+
+    Formatted directly (the millisecond part once per millisecond): the same text
+    as ``str(uuid7())`` at a fraction of the cost, on every publish's path.
+    """
+    global _prefix_ms, _prefix
+    ms, counter, random = _next()
+    if ms != _prefix_ms:
+        h = f"{ms:012x}"
+        _prefix, _prefix_ms = f"{h[:8]}-{h[8:]}-7", ms
+    r = random.hex()
+    return f"{_prefix}{_COUNTER_HEX[counter]}-{_VARIANT_HEX[r[0]]}{r[1:4]}-{r[4:]}"
 
 
 def uuid7_time_ms(value: uuid.UUID | str) -> int:
