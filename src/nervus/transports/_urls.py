@@ -25,6 +25,7 @@ _SCHEMES: dict[str, str] = {
     "nats": "nervus.transports.nats:NatsTransport.from_url",
     "redis": "nervus.transports.redis:RedisTransport.from_url",
     "postgresql": "nervus.transports.postgres:PostgresTransport.from_url",
+    "amqp": "nervus.transports.rabbitmq:RabbitTransport.from_url",
 }
 
 
