@@ -149,3 +149,25 @@ def test_codec_decode_error_names_the_type_and_the_problem() -> None:
     with pytest.raises(DecodeError):
         JSON_CODEC.decode(b'{"parcel_id": ', ParcelSent)
     assert isinstance(msgspec.json.decode(JSON_CODEC.encode(ParcelLost(parcel_id="z"))), dict)
+
+
+def test_url_options_report_every_problem_without_the_password() -> None:
+    from nervus.transports import parse_options, redact
+
+    class Options(msgspec.Struct):
+        partitions: int = 8
+        lease_seconds: float = 10.0
+
+        def validate(self) -> list[str]:
+            return [] if self.lease_seconds > 0 else ["lease_seconds must be above 0"]
+
+    url = "x://user:s3cret@host:1/db?partitions=many&lease_seconds=-1&colour=red"
+    with pytest.raises(ConfigurationError) as err:
+        parse_options(url, Options, key="NERVUS_TRANSPORT")
+    text = str(err.value)
+    assert "s3cret" not in text
+    assert "user:***@host:1" in text
+    assert "unknown option 'colour'" in text
+    assert "partitions='many'" in text
+    assert "lease_seconds must be above 0" in text
+    assert redact("x://host/db") == "x://host/db"

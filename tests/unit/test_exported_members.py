@@ -42,6 +42,7 @@ PUBLIC = {
         "from_url",
         "parse_options",
         "partition_for",
+        "redact",
         "register_scheme",
         "transport_schemes",
     ],

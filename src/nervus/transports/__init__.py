@@ -13,7 +13,13 @@ from nervus.transports._contract import (
     dead_letter_message,
     partition_for,
 )
-from nervus.transports._urls import from_url, parse_options, register_scheme, transport_schemes
+from nervus.transports._urls import (
+    from_url,
+    parse_options,
+    redact,
+    register_scheme,
+    transport_schemes,
+)
 
 __all__ = [
     "DeadLetterReason",
@@ -29,6 +35,7 @@ __all__ = [
     "from_url",
     "parse_options",
     "partition_for",
+    "redact",
     "register_scheme",
     "transport_schemes",
 ]

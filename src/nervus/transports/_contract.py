@@ -31,11 +31,18 @@ Settling
       - ``dead_letter(delivery, reason)``: move it to the dead-letter channel
         (``dead_letter_channel(channel, group)``) with the reason; durable once the
         call returns.
-    Deliveries may be settled in any order. A log-based transport commits a
-    partition's position only up to the lowest unsettled offset
-    (``OffsetTracker``); what was fetched but not settled when a member stops or
-    dies is delivered again to the partition's next owner. Delivery is therefore
-    at least once; exactly-once *effects* come from the inbox, not from here.
+    Deliveries may be settled in any order. A transport that commits a position
+    per partition commits it only up to the lowest unsettled offset
+    (``OffsetTracker``); one whose broker acknowledges each message (Redis
+    Streams, RabbitMQ, JetStream) acknowledges each as it is settled. What was
+    fetched but not settled when a member stops or dies is delivered again to the
+    partition's next owner. Delivery is therefore at least once; exactly-once
+    *effects* come from the inbox, not from here.
+
+    ``attempt`` counts deliveries where the broker counts them (Redis, JetStream,
+    RabbitMQ quorum queues); a log that does not (Kafka, SQLite, PostgreSQL)
+    counts only nacks, so a message redelivered after a member died may come
+    again as the same attempt.
 
 Replay
     Where the broker keeps history (``Features.replay``), ``start=`` on subscribe

@@ -61,13 +61,25 @@ def from_url(url: str, *, key: str = "NERVUS_TRANSPORT") -> Transport:
     return factory(url, key)
 
 
+def redact(url: str) -> str:
+    """The URL with its password replaced by ``***``, fit for errors and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def parse_options(url: str, settings: type[S], *, key: str, **fixed: Any) -> S:
     """Build ``settings`` from a URL's query string (plus ``fixed`` values), reporting
-    every unknown option and every bad value at once, each naming the key."""
+    every unknown option, every bad value and every ``validate()`` problem at once,
+    each naming the key. Passwords never appear in the messages."""
+    shown = redact(url)
     query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
     accepted = [f for f in settings.__struct_fields__ if f not in fixed]
     problems = [
-        f"{key}: unknown option {name!r} in {url!r}; accepted: {', '.join(accepted)}"
+        f"{key}: unknown option {name!r} in {shown!r}; accepted: {', '.join(accepted)}"
         for name in query
         if name not in accepted
     ]
@@ -80,15 +92,14 @@ def parse_options(url: str, settings: type[S], *, key: str, **fixed: Any) -> S:
                 {name: raw}, _single_field(settings, name), strict=False
             )[name]
         except msgspec.ValidationError as exc:
-            problems.append(f"{key}: option {name}={raw!r} in {url!r}: {exc}")
-    if problems:
-        raise ConfigurationError(problems)
+            problems.append(f"{key}: option {name}={raw!r} in {shown!r}: {exc}")
+    # the options that were read are still checked together, so one run shows all
     result = msgspec.convert(values, settings, strict=False)
     validate = getattr(result, "validate", None)
     if validate is not None:
-        more: list[str] = validate()
-        if more:
-            raise ConfigurationError([f"{key}: {p}" for p in more])
+        problems += [f"{key}: {p}" for p in validate()]
+    if problems:
+        raise ConfigurationError(problems)
     return result
 
 
