@@ -1,0 +1,470 @@
+"""The NATS JetStream transport: a stream per channel, a subject per partition, a
+durable pull consumer per group and partition, group leases in a key-value bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
+
+from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
+from nervus.transports._contract import (
+    Features,
+    OutgoingMessage,
+    Start,
+    Subscription,
+    Transport,
+    ensure_open,
+    partition_for,
+)
+from nervus.transports._urls import parse_options
+from nervus.transports.nats._names import (
+    check_channel,
+    check_group,
+    consumer_name,
+    partition_subject,
+    stream_name,
+)
+from nervus.transports.nats._settings import NatsSettings
+from nervus.transports.nats._subscription import NatsSubscription
+
+log = logging.getLogger("nervus.transports.nats")
+
+KEY_HEADER = "ce_partitionkey"
+"""The header carrying a message's partition key (the CloudEvents partitioning
+extension), as NATS messages have no key of their own."""
+
+_PUBLISHES_IN_FLIGHT = 4000  # the client's bound on unacknowledged publishes
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+"""JetStream drops a publish whose id it saw within ``duplicate_window``; nervus sets
+it to ``ce_id``."""
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    location, slash, path = rest.partition("/")
+    userinfo, at, hosts = location.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{hosts}{slash}{path}"
+
+
+class NatsTransport(Transport):
+    """Channels as JetStream streams, partitions as subjects, groups as durable pull
+    consumers (one per partition) owned by one member at a time through leases.
+
+    Each channel is a stream ``<namespace>_<channel>`` whose subjects are
+    ``<namespace>.<channel>.<partition>``; a message's partition comes from its key
+    (``partition_for``), which travels in the ``ce_partitionkey`` header. The other
+    headers are the message's own (CloudEvents binary mode: ``ce_id``, ``ce_type`` ...),
+    plus ``Nats-Msg-Id`` set to ``ce_id`` so JetStream drops duplicate publishes.
+    A delivery's ``offset`` is the stream sequence (increasing per partition, not
+    dense) and its ``attempt`` the server's delivery count.
+
+    A replay (``start=`` other than committed) recreates the group's consumers of the
+    channels when the subscription joins; members of the group already running lose
+    their consumers, so replay a group while it has no other members.
+    """
+
+    features = Features(
+        cross_process_groups=True, replay=True, replay_from_time=True, delayed_redelivery=True
+    )
+
+    def __init__(self, settings: NatsSettings, url: str | None = None) -> None:
+        problems = settings.validate()
+        if problems:
+            raise ConfigurationError(problems)
+        self.settings = settings
+        self.url = redact(url or ",".join(settings.servers))
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._bucket: KeyValue | None = None
+        self._channels: dict[str, int] = {}
+        self._subjects: dict[str, list[str]] = {}
+        self._consumers: set[tuple[str, str]] = set()
+        self._round_robin: dict[str, int] = {}
+        self._subscriptions: set[NatsSubscription] = set()
+        self._connected = False
+        self._closed = False
+        self._last_error: BaseException | None = None
+
+    @classmethod
+    def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> NatsTransport:
+        """``nats://[user:password@]host:4222[,host2:4222]`` with options (see
+        ``NatsSettings``), e.g. ``?partitions=8&namespace=shop``."""
+        parts = urlsplit(url)
+        if parts.scheme != "nats":
+            raise ConfigurationError([f"{key}={redact(url)!r}: expected a nats:// URL"])
+        location = parts.netloc
+        userinfo, at, hosts = location.rpartition("@")
+        servers = [
+            f"nats://{userinfo}{at}{host if ':' in host else host + ':4222'}"
+            for host in hosts.split(",")
+            if host
+        ]
+        if not servers:
+            raise ConfigurationError(
+                [f"{key}={redact(url)!r}: name a server, e.g. nats://127.0.0.1:4222"]
+            )
+        if parts.path not in ("", "/"):
+            raise ConfigurationError(
+                [f"{key}={redact(url)!r}: a NATS URL has no path; put options after '?'"]
+            )
+        return cls(parse_options(url, NatsSettings, key=key, servers=servers), url)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def connect(self) -> None:
+        ensure_open(self._closed, f"NATS transport on {self.url}")
+        if self._connected:
+            return
+        nc = Client()
+        settings = self.settings
+        self._last_error = None
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                await nc.connect(
+                    servers=settings.servers,
+                    connect_timeout=max(1, min(math.ceil(settings.connect_timeout), 2)),
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    error_cb=self._on_error,
+                    name=f"nervus-{socket.gethostname()}-{os.getpid()}",
+                )
+                js = nc.jetstream(
+                    timeout=settings.request_timeout,
+                    publish_async_max_pending=_PUBLISHES_IN_FLIGHT,
+                )
+                await js.account_info()
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            cause = self._last_error if isinstance(exc, TimeoutError) else exc
+            no_jetstream = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
+            if isinstance(exc, no_jetstream):
+                what = "JetStream is not enabled on the server (start nats-server with -js)"
+            else:
+                what = f"{type(cause).__name__}: {cause}" if cause else "no answer"
+            raise TransportUnavailable(
+                f"cannot reach NATS JetStream at {self.url} within "
+                f"{settings.connect_timeout}s: {what}"
+            ) from exc
+        self._nc, self._js = nc, js
+        try:
+            self._bucket = await self._groups_bucket()
+        except TransportError:
+            self._nc = self._js = None
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self._connected = True
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = exc
+        if self._connected:
+            log.warning("NATS connection to %s: %s", self.url, exc)
+
+    async def _groups_bucket(self) -> KeyValue:
+        js = self._jetstream()
+        name = self.settings.groups_bucket
+        async with self._requests(f"opening the key-value bucket {name!r}"):
+            try:
+                return await js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            try:
+                return await js.create_key_value(
+                    bucket=name,
+                    description="nervus consumer group memberships",
+                    history=1,
+                    storage=api.StorageType(self.settings.storage),
+                    replicas=self.settings.replicas,
+                )
+            except nats.js.errors.BadRequestError:  # created meanwhile by another process
+                return await js.key_value(name)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subscriptions):
+            with contextlib.suppress(TransportError, nats.errors.Error):
+                await sub.close()
+        self._connected = False
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.settings.request_timeout):
+                    await nc.flush()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    def _check(self) -> None:
+        ensure_open(self._closed, f"NATS transport on {self.url}")
+        if not self._connected:
+            raise TransportUnavailable(
+                f"the NATS transport on {self.url} is not connected; "
+                "await transport.connect() or use 'async with transport'"
+            )
+
+    @property
+    def client(self) -> Client:
+        """The NATS connection (connected)."""
+        self._check()
+        assert self._nc is not None
+        return self._nc
+
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            raise TransportUnavailable(f"the NATS transport on {self.url} is not connected")
+        return self._js
+
+    @property
+    def bucket(self) -> KeyValue:
+        self._check()
+        assert self._bucket is not None
+        return self._bucket
+
+    @contextlib.asynccontextmanager
+    async def _requests(self, what: str, channel: str | None = None, rounds: int = 1) -> Any:
+        """Turn the client's errors into nervus errors naming ``what`` failed; give up
+        after ``rounds`` request timeouts."""
+        seconds = self.settings.request_timeout * rounds
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise TransportUnavailable(
+                f"{what} on {self.url} timed out after {seconds}s", channel=channel
+            ) from exc
+        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+            raise TransportUnavailable(
+                f"{what} on {self.url} failed: {type(exc).__name__}: {exc}", channel=channel
+            ) from exc
+        except nats.errors.Error as exc:
+            raise TransportError(
+                f"{what} on {self.url} failed: {type(exc).__name__}: {exc}", channel=channel
+            ) from exc
+
+    # -- channels and publishing --------------------------------------------------
+
+    async def ensure_channel(self, channel: str, partitions: int | None = None) -> int:
+        self._check()
+        return await self._channel(channel, partitions)
+
+    async def _channel(self, channel: str, partitions: int | None = None) -> int:
+        known = self._channels.get(channel)
+        if known is not None:
+            return known
+        check_channel(channel)
+        if partitions is not None and not 1 <= partitions <= 1024:
+            raise ConfigurationError(
+                [f"channel {channel!r}: partitions={partitions} must be between 1 and 1024"]
+            )
+        namespace = self.settings.namespace
+        name = stream_name(namespace, channel)
+        js = self._jetstream()
+        async with self._requests(f"creating the stream {name!r}", channel):
+            try:
+                info = await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                count = partitions or self.settings.partitions
+                config = api.StreamConfig(
+                    name=name,
+                    description=f"nervus channel {channel}",
+                    subjects=[partition_subject(namespace, channel, p) for p in range(count)],
+                    retention=api.RetentionPolicy.LIMITS,
+                    storage=api.StorageType(self.settings.storage),
+                    num_replicas=self.settings.replicas,
+                    duplicate_window=self.settings.duplicate_window,
+                    max_age=self.settings.retention_seconds,
+                    max_bytes=self.settings.retention_bytes,
+                    discard=api.DiscardPolicy.OLD,
+                )
+                try:
+                    info = await js.add_stream(config)
+                except nats.js.errors.BadRequestError:  # created meanwhile, maybe differently
+                    info = await js.stream_info(name)
+        subjects = list(info.config.subjects or [])
+        expected = [partition_subject(namespace, channel, p) for p in range(len(subjects))]
+        if not subjects or subjects != expected:
+            raise TransportError(
+                f"stream {name!r} exists with subjects {subjects[:4]} ...; nervus expects "
+                f"{namespace}.{channel}.<partition> for partitions 0, 1, ...: it was not created "
+                "by nervus, or with another namespace",
+                channel=channel,
+            )
+        self._subjects[channel] = subjects
+        self._channels[channel] = len(subjects)
+        return len(subjects)
+
+    async def publish(self, channel: str, messages: Sequence[OutgoingMessage]) -> None:
+        self._check()
+        if not messages:
+            return
+        count = await self._channel(channel)
+        subjects = self._subjects[channel]
+        counter = self._round_robin.get(channel, 0)
+        self._round_robin[channel] = counter + len(messages)
+        js = self._jetstream()
+        rounds = 1 + len(messages) // _PUBLISHES_IN_FLIGHT
+        async with self._requests(f"publishing {len(messages)} messages", channel, rounds):
+            # Every publish goes out without waiting (the client keeps at most
+            # _PUBLISHES_IN_FLIGHT unacknowledged), then the acknowledgements are gathered.
+            futures: list[asyncio.Future[api.PubAck]] = []
+            try:
+                for i, m in enumerate(messages):
+                    headers = dict(m.headers)
+                    if m.key is not None:
+                        headers[KEY_HEADER] = m.key
+                    ce_id = headers.get("ce_id")
+                    if ce_id:
+                        headers[MSG_ID_HEADER] = ce_id
+                    subject = subjects[partition_for(m.key, count, counter + i)]
+                    futures.append(await js.publish_async(subject, m.body, headers=headers))
+                await asyncio.gather(*futures)
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    # -- consumers ----------------------------------------------------------------
+
+    async def ensure_consumer(
+        self, channel: str, group: str, partition: int, max_ack_pending: int
+    ) -> tuple[str, str]:
+        """Create the durable consumer of ``group`` on a partition unless it exists;
+        return (stream, consumer) names."""
+        stream = stream_name(self.settings.namespace, channel)
+        name = consumer_name(group, partition)
+        if (stream, name) in self._consumers:
+            return stream, name
+        js = self._jetstream()
+        async with self._requests(f"creating the consumer {name!r} of {stream!r}", channel):
+            try:
+                await js.consumer_info(stream, name)
+            except nats.js.errors.NotFoundError:
+                config = self._consumer_config(channel, group, partition, max_ack_pending)
+                try:
+                    await js.add_consumer(stream, config)
+                except nats.js.errors.BadRequestError:  # created meanwhile by another member
+                    await js.consumer_info(stream, name)
+        self._consumers.add((stream, name))
+        return stream, name
+
+    def forget_consumer(self, stream: str, name: str) -> None:
+        """The consumer was deleted (by a replay elsewhere): check it exists next time."""
+        self._consumers.discard((stream, name))
+
+    def _consumer_config(
+        self,
+        channel: str,
+        group: str,
+        partition: int,
+        max_ack_pending: int,
+        **start: Any,
+    ) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=consumer_name(group, partition),
+            description=f"nervus group {group} on {channel} partition {partition}",
+            filter_subject=partition_subject(self.settings.namespace, channel, partition),
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+            replay_policy=api.ReplayPolicy.INSTANT,
+            deliver_policy=start.pop("deliver_policy", api.DeliverPolicy.ALL),
+            **start,
+        )
+
+    async def _move_positions(
+        self, group: str, channels: Mapping[str, int], start: Start, max_ack_pending: int
+    ) -> None:
+        """Recreate the group's consumers where ``start`` moves their position."""
+        js = self._jetstream()
+        for channel, count in channels.items():
+            stream = stream_name(self.settings.namespace, channel)
+            for part in range(count):
+                policy: dict[str, Any]
+                if start.kind == "beginning":
+                    policy = {"deliver_policy": api.DeliverPolicy.ALL}
+                elif start.kind == "end":
+                    policy = {"deliver_policy": api.DeliverPolicy.NEW}
+                elif start.kind == "time":
+                    policy = {
+                        "deliver_policy": api.DeliverPolicy.BY_START_TIME,
+                        "opt_start_time": datetime.fromtimestamp(start.time or 0.0, UTC),
+                    }
+                elif start.kind == "offsets":
+                    offset = (start.offsets or {}).get(channel, {}).get(part)
+                    if offset is None:
+                        continue
+                    policy = {
+                        "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                        "opt_start_seq": max(offset, 1),
+                    }
+                else:
+                    continue
+                name = consumer_name(group, part)
+                config = self._consumer_config(channel, group, part, max_ack_pending, **policy)
+                async with self._requests(f"replaying {name!r} of {stream!r}", channel):
+                    with contextlib.suppress(nats.js.errors.NotFoundError):
+                        await js.delete_consumer(stream, name)
+                    await js.add_consumer(stream, config)
+                self._consumers.add((stream, name))
+
+    # -- consuming --------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        channels: Iterable[str],
+        group: str,
+        *,
+        max_in_flight: int = 1000,
+        start: Start | None = None,
+    ) -> Subscription:
+        self._check()
+        names = list(dict.fromkeys(channels))
+        if not names:
+            raise ConfigurationError([f"group {group!r}: subscribe to at least one channel"])
+        check_group(group)
+        if max_in_flight < 1:
+            raise ConfigurationError([f"group {group!r}: max_in_flight must be at least 1"])
+        counts = {name: await self._channel(name) for name in names}
+        if start is not None and start.kind != "committed":
+            await self._move_positions(group, counts, start, max_in_flight)
+        member = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        sub = NatsSubscription(self, group, counts, member, max_in_flight)
+        self._subscriptions.add(sub)
+        try:
+            await sub.start()
+        except BaseException:
+            self._subscriptions.discard(sub)
+            raise
+        return sub
+
+    def forget_subscription(self, sub: NatsSubscription) -> None:
+        self._subscriptions.discard(sub)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def requests(self, what: str, channel: str | None = None) -> Any:
+        """A context turning client errors into nervus errors (for subscriptions)."""
+        return self._requests(what, channel)
