@@ -1,0 +1,526 @@
+"""A member of a consumer group on RabbitMQ streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from nervus.errors import TransportError
+from nervus.transports._contract import (
+    DeadLetterReason,
+    Delivery,
+    OffsetTracker,
+    Subscription,
+    dead_letter_channel,
+    dead_letter_message,
+    ensure_open,
+)
+from nervus.transports.rabbitmq import _names
+from nervus.transports.rabbitmq._membership import Members, targets
+
+if TYPE_CHECKING:
+    from nervus.transports.rabbitmq._transport import RabbitTransport
+
+log = logging.getLogger("nervus.transports.rabbitmq")
+
+Pair = tuple[str, int]
+
+
+class _Owned:
+    """A partition this member holds the lock of, with the AMQP channels reading it."""
+
+    __slots__ = ("after_ms", "channel", "partition", "retry_channel", "start", "stream_channel")
+
+    def __init__(
+        self,
+        channel: str,
+        partition: int,
+        stream_channel: AbstractChannel,
+        retry_channel: AbstractChannel,
+        start: int,
+        after_ms: float | None,
+    ) -> None:
+        self.channel = channel
+        self.partition = partition
+        self.stream_channel = stream_channel
+        self.retry_channel = retry_channel
+        self.start = start  # stream offsets below it are skipped
+        self.after_ms = after_ms  # until one passes, skip messages published before it
+
+
+class _Handle:
+    __slots__ = ("message", "owned", "retry")
+
+    def __init__(self, owned: _Owned, message: AbstractIncomingMessage, retry: bool) -> None:
+        self.owned = owned
+        self.message = message
+        self.retry = retry
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _number(value: object, default: int) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    return default
+
+
+class RabbitSubscription(Subscription):
+    """Holds the locks of its share of the partitions and reads their streams from
+    the group's committed positions (and their retry queues); commits settled
+    positions at most every ``commit_interval`` seconds.
+
+    Each subscription has a connection of its own: the broker drops its locks, and
+    requeues the retries it held, the moment that connection drops.
+    """
+
+    def __init__(
+        self,
+        transport: RabbitTransport,
+        group: str,
+        channels: Mapping[str, int],
+        max_in_flight: int,
+    ) -> None:
+        self.group = group
+        self.channels = tuple(channels)
+        self._transport = transport
+        self._settings = transport.settings
+        self._counts = dict(channels)
+        self._prefetch = max_in_flight
+        self._member = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._members = Members(
+            group, self._member, frozenset(channels), self._settings.session_seconds
+        )
+        self._connection: AbstractConnection | None = None
+        self._control: AbstractChannel | None = None
+        self._owned: dict[Pair, _Owned] = {}
+        self._buffer: deque[Delivery] = deque()
+        self._ready = asyncio.Event()
+        self._tracker = OffsetTracker()
+        self._positions: dict[Pair, int] = {}
+        self._commit_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    @property
+    def member(self) -> str:
+        """This member's id in the group (host, process and a random part)."""
+        return self._member
+
+    async def start(self) -> None:
+        self._connection = await self._transport.open_connection()
+        self._control = await self._connection.channel(publisher_confirms=True)
+        await self._members.start(await self._connection.channel())
+        await self._rebalance()
+        self._tasks = [
+            asyncio.create_task(self._membership_loop()),
+            asyncio.create_task(self._commit_loop()),
+        ]
+
+    # -- fetching ---------------------------------------------------------------
+
+    async def fetch(self, max_messages: int, timeout: float) -> Sequence[Delivery]:
+        ensure_open(self._closed, f"subscription of group {self.group!r}")
+        if max_messages <= 0:
+            return []
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            out = await self._take(max_messages)
+            if out or self._closed:
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
+
+    async def _take(self, limit: int) -> list[Delivery]:
+        buffer, owned, fetched = self._buffer, self._owned, self._tracker.fetched
+        out: list[Delivery] = []
+        last: dict[int, AbstractIncomingMessage] = {}
+        while buffer and len(out) < limit:
+            d = buffer.popleft()
+            handle: _Handle = d.handle  # type: ignore[assignment]
+            if owned.get((d.channel, d.partition)) is not handle.owned:
+                continue  # revoked: the partition's next owner reads it again
+            out.append(d)
+            if not handle.retry:
+                fetched(d.channel, d.partition, d.offset)
+                last[id(handle.owned)] = handle.message
+        # Stream acknowledgements only return credit (positions are ours to keep),
+        # so one multiple ack per partition per fetch keeps the prefetch window open.
+        for message in last.values():
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await message.ack(multiple=True)
+        return out
+
+    def _on_stream(self, owned: _Owned) -> Any:
+        key = (owned.channel, owned.partition)
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            if self._owned.get(key) is not owned:
+                return
+            raw = message.headers
+            offset = _number(raw.get("x-stream-offset"), -1)
+            published = raw.get(_names.PUBLISHED_MS)
+            if offset < owned.start or (
+                owned.after_ms is not None
+                and isinstance(published, int)
+                and published < owned.after_ms
+            ):
+                with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                    await message.ack()
+                return
+            owned.after_ms = None
+            self._buffer.append(self._delivery(owned, message, offset, 1, False))
+            self._ready.set()
+
+        return deliver
+
+    def _on_retry(self, owned: _Owned) -> Any:
+        key = (owned.channel, owned.partition)
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            if self._owned.get(key) is not owned:
+                return
+            raw = message.headers
+            offset = _number(raw.get(_names.OFFSET), -1)
+            attempt = _number(raw.get(_names.ATTEMPT), 2)
+            self._buffer.append(self._delivery(owned, message, offset, attempt, True))
+            self._ready.set()
+
+        return deliver
+
+    @staticmethod
+    def _delivery(
+        owned: _Owned, message: AbstractIncomingMessage, offset: int, attempt: int, retry: bool
+    ) -> Delivery:
+        raw = message.headers
+        drop = _names.BROKER_HEADERS
+        headers = {k: v if type(v) is str else _text(v) for k, v in raw.items() if k not in drop}
+        published = raw.get(_names.PUBLISHED_MS)
+        if retry:
+            key_header = raw.get(_names.KEY)
+            key = None if key_header is None else _text(key_header)
+        else:
+            _, dot, rest = (message.routing_key or "").partition(".")
+            key = rest if dot else None
+        return Delivery(
+            channel=owned.channel,
+            partition=owned.partition,
+            offset=offset,
+            key=key,
+            headers=headers,
+            body=message.body,
+            attempt=attempt,
+            timestamp=published / 1000 if isinstance(published, int) else 0.0,
+            handle=_Handle(owned, message, retry),
+        )
+
+    # -- settling ---------------------------------------------------------------
+
+    def _settle(self, d: Delivery) -> AbstractIncomingMessage | None:
+        """Settle ``d``; return the retry-queue message to acknowledge, if any."""
+        handle = d.handle
+        if not isinstance(handle, _Handle):
+            raise ValueError(
+                f"delivery {d.channel}[{d.partition}]@{d.offset} was not fetched from this "
+                "RabbitMQ subscription; settle a delivery on the subscription that fetched it"
+            )
+        key = (d.channel, d.partition)
+        if self._owned.get(key) is not handle.owned:
+            return None  # revoked: delivered again to the partition's next owner
+        if handle.retry:
+            return handle.message
+        position = self._tracker.settle(d.channel, d.partition, d.offset)
+        if position is not None:
+            self._positions[key] = position
+        return None
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        ensure_open(self._closed, f"subscription of group {self.group!r}")
+        retries = [m for m in map(self._settle, deliveries) if m is not None]
+        for message in retries:
+            await self._ack_retry(message)
+
+    @staticmethod
+    async def _ack_retry(message: AbstractIncomingMessage) -> None:
+        # A closed channel means the partition was revoked: the broker requeued it.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+            await message.ack()
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        ensure_open(self._closed, f"subscription of group {self.group!r}")
+        handle = delivery.handle
+        if isinstance(handle, _Handle) and (
+            self._owned.get((delivery.channel, delivery.partition)) is not handle.owned
+        ):
+            return  # revoked: the partition's next owner delivers it again
+        headers: dict[str, Any] = dict(delivery.headers)
+        headers[_names.ATTEMPT] = delivery.attempt + 1
+        headers[_names.OFFSET] = delivery.offset
+        headers[_names.PARTITION] = str(delivery.partition)
+        headers[_names.PUBLISHED_MS] = int(delivery.timestamp * 1000)
+        if delivery.key is not None:
+            headers[_names.KEY] = delivery.key
+        message = aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=delivery.headers.get("ce_id"),
+            content_type=delivery.headers.get("content-type"),
+        )
+        if delay <= 0:
+            await self._send(_names.retry_exchange(delivery.channel, self.group), "", message)
+        else:
+            queue = await self._transport.delay_queue(delivery.channel, self.group, delay)
+            await self._send("", queue, message)
+        retry = self._settle(delivery)
+        if retry is not None:
+            await self._ack_retry(retry)
+
+    async def dead_letter(self, delivery: Delivery, reason: DeadLetterReason) -> None:
+        ensure_open(self._closed, f"subscription of group {self.group!r}")
+        await self._transport.publish(
+            dead_letter_channel(delivery.channel, self.group),
+            [dead_letter_message(delivery, self.group, reason)],
+        )
+        retry = self._settle(delivery)
+        if retry is not None:
+            await self._ack_retry(retry)
+
+    async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        control = await self._control_channel()
+        if exchange:
+            target = await control.get_exchange(exchange, ensure=False)
+        else:
+            target = control.default_exchange
+        try:
+            await target.publish(message, routing_key)
+        except Exception as exc:
+            raise TransportError(
+                f"RabbitMQ at {self._transport.where} did not accept a message for group "
+                f"{self.group!r} on {routing_key or exchange!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def _control_channel(self) -> AbstractChannel:
+        if self._control is None or self._control.is_closed:
+            assert self._connection is not None
+            self._control = await self._connection.channel(publisher_confirms=True)
+        return self._control
+
+    def assignment(self) -> frozenset[tuple[str, int]]:
+        return frozenset(self._owned)
+
+    # -- committing -------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        interval = max(self._settings.commit_interval, 0.01)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            try:
+                await self._commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("committing positions of group %r failed", self.group, exc_info=True)
+
+    async def _commit(self, only: Pair | None = None) -> None:
+        async with self._commit_lock:
+            if only is None:
+                positions, self._positions = self._positions, {}
+            else:
+                position = self._positions.pop(only, None)
+                positions = {} if position is None else {only: position}
+            if not positions:
+                return
+            try:
+                await asyncio.gather(
+                    *(self._write(pair, {"offset": pos}) for pair, pos in positions.items())
+                )
+            except BaseException:
+                for pair, pos in positions.items():
+                    if self._positions.get(pair, -1) < pos:
+                        self._positions[pair] = pos
+                raise
+
+    async def _write(self, pair: Pair, value: object) -> None:
+        message = aio_pika.Message(
+            json.dumps(value).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._send("", _names.offset_queue(pair[0], self.group, pair[1]), message)
+
+    # -- membership -------------------------------------------------------------
+
+    async def _membership_loop(self) -> None:
+        heartbeat = self._settings.heartbeat_seconds
+        tick = min(heartbeat / 2, 0.25)
+        next_announcement = time.monotonic() + heartbeat
+        changed = self._members.changed
+        while not self._closed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await changed.wait()
+            changed.clear()
+            if self._closed:
+                break
+            try:
+                if time.monotonic() >= next_announcement:
+                    next_announcement = time.monotonic() + heartbeat
+                    await self._members.announce()
+                await self._rebalance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning(
+                    "rebalancing %s in group %r failed; retrying",
+                    self._member,
+                    self.group,
+                    exc_info=True,
+                )
+
+    async def _rebalance(self) -> None:
+        wanted = targets(self._member, self._members.live(), self._counts)
+        for pair in [p for p in self._owned if p not in wanted]:
+            await self._release(pair)
+        for pair in sorted(wanted - set(self._owned)):
+            if self._closed:
+                return
+            await self._acquire(pair)
+
+    async def _acquire(self, pair: Pair) -> bool:
+        """Take the partition's lock if it is free and start reading it."""
+        assert self._connection is not None
+        channel, partition = pair
+        retry_channel = await self._connection.channel()
+        try:
+            await retry_channel.declare_queue(
+                _names.lock_queue(channel, self.group, partition), exclusive=True
+            )
+        except aiormq.exceptions.ChannelLockedResource:
+            return False  # another member holds it (the failure closed the channel)
+        stream_channel: AbstractChannel | None = None
+        try:
+            offsets = await retry_channel.get_queue(
+                _names.offset_queue(channel, self.group, partition), ensure=False
+            )
+            record = await offsets.get(no_ack=False, fail=False)
+            position: dict[str, Any] = {}
+            if record is not None:
+                position = json.loads(record.body)
+                await record.reject(requeue=True)
+            start, after_ms, argument = 0, None, "first"
+            if "offset" in position:
+                start = int(position["offset"])
+                argument = start  # type: ignore[assignment]
+            elif "time" in position:
+                after_ms = float(position["time"]) * 1000
+                argument = datetime.fromtimestamp(float(position["time"]), UTC)  # type: ignore[assignment]
+            elif position.get("end"):
+                argument = "next"
+            stream_channel = await self._connection.channel()
+            await stream_channel.set_qos(prefetch_count=self._prefetch)
+            await retry_channel.set_qos(prefetch_count=self._prefetch)
+            owned = _Owned(channel, partition, stream_channel, retry_channel, start, after_ms)
+            self._tracker.forget(channel, partition)
+            self._owned[pair] = owned
+            stream = await stream_channel.get_queue(_names.stream(channel, partition), ensure=False)
+            await stream.consume(self._on_stream(owned), arguments={"x-stream-offset": argument})
+            retries = await retry_channel.get_queue(
+                _names.retry_queue(channel, self.group, partition), ensure=False
+            )
+            await retries.consume(self._on_retry(owned))
+        except BaseException:
+            self._owned.pop(pair, None)
+            for ch in (stream_channel, retry_channel):
+                if ch is not None and not ch.is_closed:
+                    with contextlib.suppress(Exception):
+                        await ch.close()
+            with contextlib.suppress(Exception):
+                await self._unlock(pair)
+            raise
+        self._ready.set()
+        return True
+
+    async def _release(self, pair: Pair) -> None:
+        """Stop reading a partition, commit its settled position, then unlock it."""
+        owned = self._owned.pop(pair, None)
+        if owned is None:
+            return
+        self._tracker.forget(*pair)
+        await self._stop(owned)
+        await self._commit(pair)
+        await self._unlock(pair)
+
+    @staticmethod
+    async def _stop(owned: _Owned) -> None:
+        # Closing the channels cancels the consumers and requeues unsettled retries.
+        for ch in (owned.stream_channel, owned.retry_channel):
+            if not ch.is_closed:
+                with contextlib.suppress(Exception):
+                    await ch.close()
+
+    async def _unlock(self, pair: Pair) -> None:
+        control = await self._control_channel()
+        await control.queue_delete(_names.lock_queue(pair[0], self.group, pair[1]))
+
+    # -- closing ----------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._transport.forget_subscription(self)
+        owned, self._owned = list(self._owned.values()), {}
+        self._buffer.clear()
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            for o in owned:
+                await self._stop(o)
+            async with asyncio.timeout(self._settings.connect_timeout):
+                if self._positions:
+                    self._connection = connection
+                    await self._commit()
+                await self._members.announce(leaving=True)
+        except Exception:
+            log.warning(
+                "committing positions of group %r while closing failed", self.group, exc_info=True
+            )
+        finally:
+            self._connection = None
+            # The broker deletes this connection's lock queues when it closes.
+            with contextlib.suppress(Exception):
+                await connection.close()

@@ -1,0 +1,400 @@
+"""The RabbitMQ transport: each channel partition is a stream queue (a durable,
+replayable log); consumer groups keep their positions in the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+
+from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
+from nervus.transports._contract import (
+    Features,
+    OutgoingMessage,
+    Start,
+    Subscription,
+    Transport,
+    ensure_open,
+    partition_for,
+)
+from nervus.transports._urls import parse_options
+from nervus.transports.rabbitmq import _names
+from nervus.transports.rabbitmq._settings import RabbitSettings, redact
+from nervus.transports.rabbitmq._subscription import RabbitSubscription
+
+log = logging.getLogger("nervus.transports.rabbitmq")
+
+_CURRENT_VALUE = re.compile(r"current is (?:the value )?'(\d+)'")
+_DELAY_REDECLARE = 60.0  # s between re-declarations of a delay queue (renews x-expires)
+_DELAY_IDLE_MS = 600_000  # a delay queue unused that much longer than its TTL is deleted
+
+
+class RabbitTransport(Transport):
+    """Channels, consumer groups, delayed redelivery and replay on RabbitMQ.
+
+    A channel is a topic exchange routing each message, by the partition nervus
+    computes from its key, to that partition's stream queue. Streams keep
+    history, so a new group starts at the beginning and any group can replay.
+    A group member owns a partition while its connection holds the partition's
+    exclusive lock queue; members announce themselves on a fanout exchange and
+    each locks its deterministic share among the members alive. The group's
+    position in each partition is a one-message queue, rewritten as settled
+    offsets advance. ``nack`` republishes to a delay queue per rounded delay whose
+    TTL dead-letters the message into the partition's retry queue, which the
+    partition's owner consumes alongside the stream.
+
+    A replay (``start=`` other than committed) moves the group's positions when the
+    subscription joins; members already running keep reading from where they are,
+    so replay a group while it has no other members.
+    """
+
+    features = Features(
+        cross_process_groups=True, replay=True, replay_from_time=True, delayed_redelivery=True
+    )
+
+    def __init__(self, settings: RabbitSettings) -> None:
+        problems = settings.validate()
+        if problems:
+            raise ConfigurationError(problems)
+        self.settings = settings
+        self.where = redact(settings.amqp_url)
+        self._connection: AbstractConnection | None = None
+        self._publisher: AbstractChannel | None = None
+        self._admin: AbstractChannel | None = None
+        self._admin_lock = asyncio.Lock()
+        self._exchanges: dict[str, tuple[AbstractExchange, int]] = {}
+        self._group_channels: set[tuple[str, str]] = set()
+        self._delay_queues: dict[str, float] = {}
+        self._round_robin: dict[str, int] = {}
+        self._subscriptions: set[RabbitSubscription] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> RabbitTransport:
+        """``amqp://user:password@host:5672/vhost`` with options (see ``RabbitSettings``),
+        e.g. ``?partitions=8``; the options are removed from what the client sees."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ConfigurationError([f"{key}={redact(url)!r}: expected an amqp:// URL"])
+        if not parts.hostname:
+            raise ConfigurationError(
+                [f"{key}={redact(url)!r}: name the broker, e.g. amqp://guest:guest@127.0.0.1/"]
+            )
+        location = urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", ""))
+        return cls(parse_options(url, RabbitSettings, key=key, amqp_url=location))
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def open_connection(self) -> AbstractConnection:
+        """A new connection to the broker, within ``connect_timeout``."""
+        timeout = self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await aio_pika.connect(self.settings.amqp_url, timeout=timeout)
+        except TimeoutError as exc:
+            raise TransportUnavailable(
+                f"cannot reach RabbitMQ at {self.where}: no answer within {timeout}s "
+                "(connect_timeout)"
+            ) from exc
+        except Exception as exc:
+            raise TransportUnavailable(
+                f"cannot reach RabbitMQ at {self.where}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def connect(self) -> None:
+        ensure_open(self._closed, f"RabbitMQ transport on {self.where}")
+        if self._connection is not None:
+            return
+        connection = await self.open_connection()
+        try:
+            self._publisher = await connection.channel(publisher_confirms=True)
+            self._admin = await connection.channel(publisher_confirms=True)
+        except Exception as exc:
+            await connection.close()
+            raise TransportUnavailable(
+                f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
+            ) from exc
+        self._connection = connection
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subscriptions):
+            with contextlib.suppress(Exception):
+                await sub.close()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _check(self) -> AbstractConnection:
+        ensure_open(self._closed, f"RabbitMQ transport on {self.where}")
+        if self._connection is None:
+            raise TransportUnavailable(
+                f"the RabbitMQ transport on {self.where} is not connected; "
+                "await transport.connect() or use 'async with transport'"
+            )
+        return self._connection
+
+    async def admin(self) -> AbstractChannel:
+        """The channel for declarations and control messages (reopened after a
+        declaration failed, which closes a channel)."""
+        connection = self._check()
+        if self._admin is None or self._admin.is_closed:
+            self._admin = await connection.channel(publisher_confirms=True)
+        return self._admin
+
+    # -- channels and publishing --------------------------------------------------
+
+    async def ensure_channel(self, channel: str, partitions: int | None = None) -> int:
+        self._check()
+        return (await self._channel(channel, partitions))[1]
+
+    async def _channel(
+        self, channel: str, partitions: int | None = None
+    ) -> tuple[AbstractExchange, int]:
+        known = self._exchanges.get(channel)
+        if known is not None:
+            return known
+        if not channel:
+            raise ConfigurationError(["a channel name must not be empty"])
+        problems = _names.too_long(channel)
+        if partitions is not None and not 1 <= partitions <= 1024:
+            problems.append(f"channel {channel!r}: partitions={partitions} must be 1 to 1024")
+        if problems:
+            raise ConfigurationError(problems)
+        async with self._admin_lock:
+            known = self._exchanges.get(channel)
+            if known is not None:
+                return known
+            try:
+                count = await self._declare_channel(channel, partitions or self.settings.partitions)
+            except TransportError:
+                raise
+            except Exception as exc:
+                raise TransportError(
+                    f"declaring the exchange and streams on RabbitMQ at {self.where} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    channel=channel,
+                ) from exc
+            publisher = self._publisher
+            assert publisher is not None
+            exchange = await publisher.get_exchange(_names.exchange(channel), ensure=False)
+            self._exchanges[channel] = (exchange, count)
+            return exchange, count
+
+    async def _declare_channel(self, channel: str, partitions: int) -> int:
+        # Declarations that may fail run on a channel of their own: a failed
+        # declaration closes the channel it ran on.
+        probe = await self._check().channel()
+        try:
+            count = await self._partition_count(probe, channel, partitions)
+            if probe.is_closed:
+                probe = await self._check().channel()
+            exchange = await probe.declare_exchange(
+                _names.exchange(channel), aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            arguments: dict[str, Any] = {"x-queue-type": "stream"}
+            if self.settings.max_age is not None:
+                arguments["x-max-age"] = self.settings.max_age
+            if self.settings.max_bytes is not None:
+                arguments["x-max-length-bytes"] = self.settings.max_bytes
+            for p in range(count):
+                name = _names.stream(channel, p)
+                try:
+                    queue = await probe.declare_queue(name, durable=True, arguments=arguments)
+                except aiormq.exceptions.ChannelPreconditionFailed:
+                    # it exists with other retention settings: keep them
+                    probe = await self._check().channel()
+                    queue = await probe.declare_queue(name, passive=True)
+                    exchange = await probe.get_exchange(_names.exchange(channel), ensure=False)
+                await queue.bind(exchange, f"{p}.#")
+            return count
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+
+    async def _partition_count(self, probe: AbstractChannel, channel: str, partitions: int) -> int:
+        """The channel's partition count: recorded as ``x-max-length`` of an empty
+        queue, which the broker keeps as declared first (the existing count wins)."""
+        try:
+            await probe.declare_queue(
+                _names.partition_record(channel),
+                durable=True,
+                arguments={"x-max-length": partitions, "x-queue-type": "classic"},
+            )
+            return partitions
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            found = _CURRENT_VALUE.search(str(exc))
+            if found is None:
+                raise TransportError(
+                    f"cannot read the partition count of the channel from "
+                    f"{_names.partition_record(channel)!r}: {exc}",
+                    channel=channel,
+                ) from exc
+            return int(found.group(1))
+
+    async def publish(self, channel: str, messages: Sequence[OutgoingMessage]) -> None:
+        self._check()
+        if not messages:
+            return
+        exchange, count = await self._channel(channel)
+        counter = self._round_robin.get(channel, 0)
+        self._round_robin[channel] = counter + len(messages)
+        now = int(time.time() * 1000)
+        persistent = aio_pika.DeliveryMode.PERSISTENT
+        sends = []
+        for i, m in enumerate(messages):
+            headers: dict[str, Any] = dict(m.headers)
+            headers[_names.PUBLISHED_MS] = now
+            message = aio_pika.Message(
+                m.body,
+                headers=headers,
+                delivery_mode=persistent,
+                message_id=m.headers.get("ce_id"),
+                content_type=m.headers.get("content-type"),
+            )
+            key = _names.routing_key(partition_for(m.key, count, counter + i), m.key)
+            sends.append(exchange.publish(message, key))
+        try:
+            results = await asyncio.gather(*sends, return_exceptions=True)
+        except Exception as exc:
+            raise TransportError(f"publishing to RabbitMQ at {self.where} failed: {exc}") from exc
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            if self._closed:
+                ensure_open(True, f"RabbitMQ transport on {self.where}")
+            raise TransportError(
+                f"RabbitMQ at {self.where} did not accept {len(failed)} of {len(messages)} "
+                f"messages: {type(failed[0]).__name__}: {failed[0]}",
+                channel=channel,
+            ) from failed[0]
+
+    # -- groups -----------------------------------------------------------------
+
+    async def ensure_group(self, channel: str, group: str, partitions: int) -> None:
+        """Declare the queues and exchange of ``group`` on ``channel`` (once per transport)."""
+        if (channel, group) in self._group_channels:
+            return
+        problems = _names.too_long(channel, group)
+        if problems:
+            raise ConfigurationError(problems)
+        async with self._admin_lock:
+            admin = await self.admin()
+            retry = await admin.declare_exchange(
+                _names.retry_exchange(channel, group), aio_pika.ExchangeType.HEADERS, durable=True
+            )
+            for p in range(partitions):
+                queue = await admin.declare_queue(
+                    _names.retry_queue(channel, group, p), durable=True
+                )
+                await queue.bind(retry, "", arguments={"x-match": "all", _names.PARTITION: str(p)})
+                await admin.declare_queue(
+                    _names.offset_queue(channel, group, p),
+                    durable=True,
+                    arguments={"x-max-length": 1},
+                )
+        self._group_channels.add((channel, group))
+
+    async def delay_queue(self, channel: str, group: str, delay: float) -> str:
+        """The delay queue for ``delay`` (rounded up), declared when not used lately."""
+        ms = _names.delay_bucket(delay)
+        name = _names.delay_queue(channel, group, ms)
+        if time.monotonic() - self._delay_queues.get(name, -_DELAY_REDECLARE) < _DELAY_REDECLARE:
+            return name
+        async with self._admin_lock:
+            admin = await self.admin()
+            await admin.declare_queue(
+                name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": ms,
+                    "x-expires": ms + _DELAY_IDLE_MS,
+                    "x-dead-letter-exchange": _names.retry_exchange(channel, group),
+                },
+            )
+        self._delay_queues[name] = time.monotonic()
+        return name
+
+    async def send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        """Publish one control message and wait for the broker's confirm."""
+        admin = await self.admin()
+        if exchange:
+            target = await admin.get_exchange(exchange, ensure=False)
+        else:
+            target = admin.default_exchange
+        await target.publish(message, routing_key)
+
+    async def write_position(self, channel: str, group: str, partition: int, value: object) -> None:
+        """Record ``group``'s position in a partition: ``{"offset": n}`` (next to read),
+        ``{"time": t}`` or ``{"end": true}``."""
+        message = aio_pika.Message(
+            json.dumps(value).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self.send("", _names.offset_queue(channel, group, partition), message)
+
+    async def move_positions(self, group: str, channels: dict[str, int], start: Start) -> None:
+        """Set the group's positions for a replay (they may move backwards)."""
+        writes = []
+        for name, count in channels.items():
+            for p in range(count):
+                value: object = None
+                if start.kind == "beginning":
+                    value = {"offset": 0}
+                elif start.kind == "end":
+                    value = {"end": True}
+                elif start.kind == "time":
+                    value = {"time": start.time or 0.0}
+                elif start.kind == "offsets":
+                    offset = (start.offsets or {}).get(name, {}).get(p)
+                    value = None if offset is None else {"offset": offset}
+                if value is not None:
+                    writes.append(self.write_position(name, group, p, value))
+        await asyncio.gather(*writes)
+
+    # -- consuming --------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        channels: Iterable[str],
+        group: str,
+        *,
+        max_in_flight: int = 1000,
+        start: Start | None = None,
+    ) -> Subscription:
+        self._check()
+        names = list(dict.fromkeys(channels))
+        if not names:
+            raise ConfigurationError([f"group {group!r}: subscribe to at least one channel"])
+        if not group:
+            raise ConfigurationError(["a consumer group name must not be empty"])
+        found: dict[str, int] = {}
+        for name in names:
+            found[name] = (await self._channel(name))[1]
+            await self.ensure_group(name, group, found[name])
+        if start is not None and start.kind != "committed":
+            await self.move_positions(group, found, start)
+        sub = RabbitSubscription(self, group, found, max(1, max_in_flight))
+        self._subscriptions.add(sub)
+        try:
+            await sub.start()
+        except BaseException:
+            self._subscriptions.discard(sub)
+            with contextlib.suppress(Exception):
+                await sub.close()
+            raise
+        return sub
+
+    def forget_subscription(self, sub: RabbitSubscription) -> None:
+        self._subscriptions.discard(sub)

@@ -1,0 +1,199 @@
+"""What is specific to the RabbitMQ transport: interoperability with plain AMQP
+clients, URL options, partition counts, durable delayed redelivery, bad brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import pytest
+
+from nervus.errors import ConfigurationError, TransportUnavailable
+from nervus.transports import Delivery, OutgoingMessage, Transport, from_url
+from nervus.transports.rabbitmq import RabbitSettings, RabbitTransport
+from nervus.transports.rabbitmq._names import delay_bucket
+
+pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+
+OPTIONS = "partitions=4&heartbeat_seconds=0.2&session_seconds=2&commit_interval=0.05"
+
+
+def _url(base: str, options: str = OPTIONS) -> str:
+    return f"{base}{'&' if '?' in base else '?'}{options}"
+
+
+def _name(what: str) -> str:
+    return f"it-{what}-{uuid.uuid4().hex[:12]}"
+
+
+async def _open(url: str) -> Transport:
+    transport = from_url(url)
+    await transport.connect()
+    return transport
+
+
+async def test_plain_client_reads_what_nervus_publishes(rabbitmq_url: str) -> None:
+    channel = _name("out")
+    transport = await _open(_url(rabbitmq_url))
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        count = await transport.ensure_channel(channel, 4)
+        headers = {
+            "ce_id": "evt-1",
+            "ce_type": "shop.order.placed.v1",
+            "ce_source": "orders",
+            "content-type": "application/json",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        }
+        await transport.publish(channel, [OutgoingMessage("order-7", headers, b'{"n": 7}')])
+
+        received: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        amqp = await connection.channel()
+        await amqp.set_qos(prefetch_count=10)
+        for p in range(count):
+            queue = await amqp.get_queue(f"nervus.{channel}.{p}", ensure=False)
+            await queue.consume(received.put, arguments={"x-stream-offset": "first"})
+        async with asyncio.timeout(10):
+            message = await received.get()
+        assert message.body == b'{"n": 7}'
+        assert message.routing_key is not None and message.routing_key.endswith(".order-7")
+        assert message.message_id == "evt-1"
+        assert message.content_type == "application/json"
+        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        for name, value in headers.items():
+            assert message.headers[name] == value
+        await asyncio.sleep(0.2)
+        assert received.empty(), "the message reached more than one partition"
+    finally:
+        await connection.close()
+        await transport.close()
+
+
+async def test_nervus_consumes_what_a_plain_client_publishes(rabbitmq_url: str) -> None:
+    channel, group = _name("in"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        await transport.ensure_channel(channel, 4)
+        amqp = await connection.channel(publisher_confirms=True)
+        exchange = await amqp.get_exchange(f"nervus.{channel}", ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                b"hello",
+                headers={"ce_id": "plain-1", "ce_type": "greeting.v1", "x-number": 3},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key="2.customer-9",
+        )
+        sub = await transport.subscribe([channel], group)
+        async with asyncio.timeout(10):
+            got: list[Delivery] = []
+            while not got:
+                got = list(await sub.fetch(10, 0.1))
+        [delivery] = got
+        assert (delivery.channel, delivery.partition, delivery.key) == (channel, 2, "customer-9")
+        assert delivery.body == b"hello"
+        assert delivery.headers == {"ce_id": "plain-1", "ce_type": "greeting.v1", "x-number": "3"}
+        assert delivery.attempt == 1
+        await sub.ack(got)
+    finally:
+        await connection.close()
+        await transport.close()
+
+
+async def test_existing_partition_count_wins(rabbitmq_url: str) -> None:
+    channel = _name("count")
+    first = await _open(_url(rabbitmq_url, "partitions=3"))
+    second = await _open(_url(rabbitmq_url, "partitions=5"))
+    try:
+        assert await first.ensure_channel(channel) == 3
+        assert await second.ensure_channel(channel, 6) == 3
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_delayed_redelivery_survives_the_consumer(rabbitmq_url: str) -> None:
+    channel, group = _name("durable-nack"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    try:
+        await transport.publish(channel, [OutgoingMessage("k", {"ce_id": "n-1"}, b"retry me")])
+        sub = await transport.subscribe([channel], group)
+        async with asyncio.timeout(10):
+            got: list[Delivery] = []
+            while not got:
+                got = list(await sub.fetch(1, 0.1))
+        await sub.nack(got[0], 0.3)
+        await sub.close()
+
+        again = await transport.subscribe([channel], group)
+        async with asyncio.timeout(10):
+            back: list[Delivery] = []
+            while not back:
+                back = list(await again.fetch(10, 0.1))
+        assert [(d.body, d.attempt, d.key, d.offset) for d in back] == [
+            (b"retry me", 2, "k", got[0].offset)
+        ]
+        assert back[0].headers == {"ce_id": "n-1"}
+        await again.ack(back)
+    finally:
+        await transport.close()
+
+
+async def test_unreachable_broker_fails_in_connect(rabbitmq_url: str) -> None:
+    parts = urlsplit(rabbitmq_url)
+    closed_port = urlunsplit(parts._replace(netloc="guest:secret@127.0.0.1:1"))
+    transport = from_url(_url(closed_port, "connect_timeout=3"))
+    with pytest.raises(TransportUnavailable) as caught:
+        async with asyncio.timeout(10):
+            await transport.connect()
+    assert "127.0.0.1:1" in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+async def test_wrong_password_fails_in_connect(rabbitmq_url: str) -> None:
+    parts = urlsplit(rabbitmq_url)
+    host = parts.netloc.rpartition("@")[2]
+    wrong = urlunsplit(parts._replace(netloc=f"guest:not-the-password@{host}"))
+    transport = from_url(_url(wrong, "connect_timeout=5"))
+    with pytest.raises(TransportUnavailable) as caught:
+        async with asyncio.timeout(15):
+            await transport.connect()
+    assert "not-the-password" not in str(caught.value)
+    assert host in str(caught.value)
+
+
+def test_url_options_are_typed_and_stripped() -> None:
+    transport = from_url("amqp://u:p@broker:5673/vh?partitions=6&max_age=7D&heartbeat_seconds=2")
+    assert isinstance(transport, RabbitTransport)
+    settings = transport.settings
+    assert settings.amqp_url == "amqp://u:p@broker:5673/vh"
+    assert (settings.partitions, settings.max_age, settings.heartbeat_seconds) == (6, "7D", 2.0)
+
+
+def test_bad_url_options_are_all_reported() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        from_url("amqp://broker/?partitions=0&max_age=soon&colour=blue", key="NERVUS_TRANSPORT")
+    text = str(caught.value)
+    assert "'colour'" in text
+    with pytest.raises(ConfigurationError) as caught:
+        from_url("amqp://broker/?partitions=0&max_age=soon&session_seconds=1")
+    text = str(caught.value)
+    assert "partitions=0" in text
+    assert "max_age='soon'" in text
+    assert "session_seconds=1.0" in text
+
+
+def test_settings_validate_names_every_problem() -> None:
+    problems = RabbitSettings(amqp_url="amqp://x/", max_bytes=0, commit_interval=-1).validate()
+    assert len(problems) == 2
+    assert any("max_bytes=0" in p for p in problems)
+
+
+def test_delay_buckets_never_round_down() -> None:
+    for delay in (0.0004, 0.05, 0.4, 0.123, 1.234, 59.9, 61.0, 3600.5):
+        bucket = delay_bucket(delay)
+        assert bucket >= delay * 1000
+        assert bucket <= max(delay * 1000 * 1.1, 1)
