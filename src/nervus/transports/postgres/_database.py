@@ -1,0 +1,202 @@
+"""Server connections used one operation at a time, and the group-committing publisher.
+
+A psycopg connection serialises single statements, not transactions: two
+coroutines running transactions on one connection would mix their statements.
+``Connection.use()`` hands the connection to one operation at a time, reconnects
+after the server or the network dropped it, and turns driver errors into nervus
+errors naming the (redacted) URL.
+
+``Publisher`` coalesces the publishes of one process: those arriving while a
+transaction is running go together into the next one, so concurrent publishes
+cost one commit (one WAL flush) together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.types.json import set_json_loads
+
+from nervus.errors import TransportError, TransportUnavailable
+
+T = TypeVar("T")
+Row = TypeVar("Row")
+
+log = logging.getLogger("nervus.transports.postgres")
+
+
+async def open_connection(conninfo: str, *, timeout: float) -> AsyncConnection[Any]:
+    """An autocommit connection decoding ``jsonb`` with msgspec (explicit transactions
+    with ``conn.transaction()``)."""
+    conn = await AsyncConnection.connect(
+        conninfo, autocommit=True, connect_timeout=max(int(timeout), 1)
+    )
+    set_json_loads(msgspec.json.decode, conn)
+    return conn
+
+
+def as_transport_error(exc: BaseException, where: str) -> BaseException:
+    """A driver error as a nervus error naming ``where``; other errors unchanged."""
+    if isinstance(exc, TransportError) or not isinstance(exc, psycopg.Error):
+        return exc
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        error: TransportError = TransportUnavailable(f"PostgreSQL at {where} failed: {exc}")
+    else:
+        error = TransportError(f"PostgreSQL at {where} refused an operation: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class Connection:
+    """One server connection, used by one operation at a time (see ``use``)."""
+
+    def __init__(self, conninfo: str, *, where: str, timeout: float) -> None:
+        self._conninfo = conninfo
+        self.where = where
+        self._timeout = timeout
+        self._conn: AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def open(self) -> None:
+        async with self._lock:
+            await self._connected()
+
+    async def _connected(self) -> AsyncConnection[Any]:
+        if self._closed:
+            raise TransportUnavailable(f"the connection to PostgreSQL at {self.where} is closed")
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            self._conn = None
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    conn = await open_connection(self._conninfo, timeout=self._timeout)
+            except TimeoutError as exc:
+                raise TransportUnavailable(
+                    f"cannot connect to PostgreSQL at {self.where} within {self._timeout}s"
+                ) from exc
+            except psycopg.Error as exc:
+                raise TransportUnavailable(
+                    f"cannot connect to PostgreSQL at {self.where}: {exc}"
+                ) from exc
+            self._conn = conn
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """The connection, for this operation alone; driver errors become
+        ``TransportError`` (``TransportUnavailable`` when the connection failed)."""
+        async with self._lock:
+            conn = await self._connected()
+            try:
+                yield conn
+            except psycopg.Error as exc:
+                raise as_transport_error(exc, self.where) from exc
+
+    async def close(self, *, final: bool = True) -> None:
+        """Close the server connection; for good unless ``final`` is false (then the
+        next ``use`` connects again)."""
+        self._closed = self._closed or final
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
+
+
+class Publisher:
+    """Group commit: runs ``append(conn, rows)`` over the rows of every publish queued
+    while the previous transaction ran, in one transaction.
+
+    If that transaction fails for a reason other than the connection, each publish
+    of the group is tried again alone, so one bad message fails only its own
+    publish. A caller that stops waiting (cancelled) does not undo its write.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        append: Callable[[AsyncConnection[Any], list[Any]], Awaitable[None]],
+        on_commit: Callable[[], None],
+    ) -> None:
+        self._conn = conn
+        self._append = append
+        self._on_commit = on_commit
+        self._queue: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.transactions = 0  # committed so far; shows how well publishes coalesce
+
+    async def submit(self, rows: list[Any]) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((rows, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await asyncio.shield(fut)
+
+    async def drain(self) -> None:
+        """Wait for the publishes queued so far."""
+        task = self._task
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def _run(self) -> None:
+        batch: list[tuple[list[Any], asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._write([row for rows, _ in batch for row in rows])
+                except Exception as exc:
+                    if len(batch) == 1 or isinstance(exc, TransportUnavailable):
+                        for _, fut in batch:
+                            _fail(fut, exc)
+                        continue
+                    for rows, fut in batch:
+                        try:
+                            await self._write(rows)
+                        except Exception as alone:
+                            _fail(fut, alone)
+                        else:
+                            _done(fut)
+                    continue
+                for _, fut in batch:
+                    _done(fut)
+        except BaseException:
+            # Cancelled (the event loop is closing): no publish may wait forever.
+            stopped = TransportUnavailable(
+                f"publishing to PostgreSQL at {self._conn.where} was interrupted; "
+                "the messages may or may not have been written"
+            )
+            for _, fut in batch + self._queue:
+                _fail(fut, stopped)
+            self._queue = []
+            raise
+        finally:
+            self._task = None
+
+    async def _write(self, rows: list[Any]) -> None:
+        async with self._conn.use() as conn:
+            await self._append(conn, rows)
+        self.transactions += 1
+        self._on_commit()
+
+
+def _done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _fail(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
