@@ -48,6 +48,17 @@ PUBLIC = {
     ],
     "nervus.transports.memory": ["MemoryOptions", "MemorySubscription", "MemoryTransport"],
     "nervus.transports.sqlite": ["SqliteSettings", "SqliteSubscription", "SqliteTransport"],
+    "nervus.transports.kafka": [
+        "KafkaSettings",
+        "KafkaSubscription",
+        "KafkaTransport",
+        "retry_group",
+        "retry_topic",
+    ],
+    "nervus.transports.nats": ["NatsSettings", "NatsSubscription", "NatsTransport"],
+    "nervus.transports.redis": ["RedisSettings", "RedisSubscription", "RedisTransport"],
+    "nervus.transports.rabbitmq": ["RabbitSettings", "RabbitSubscription", "RabbitTransport"],
+    "nervus.transports.postgres": ["PostgresSettings", "PostgresSubscription", "PostgresTransport"],
     "nervus.runtime": [
         "Context",
         "DeliveryInfo",
