@@ -62,8 +62,10 @@ PUBLIC = {
     "nervus.runtime": [
         "Context",
         "DeliveryInfo",
+        "GroupHealth",
         "Handler",
         "HandlerLogger",
+        "Health",
         "KeyedDispatcher",
         "Registration",
         "RetryPolicy",

@@ -8,13 +8,15 @@ from nervus.runtime._context import Context, DeliveryInfo, HandlerLogger, curren
 from nervus.runtime._dispatch import KeyedDispatcher
 from nervus.runtime._handlers import Handler, Registration
 from nervus.runtime._retry import RetryPolicy
-from nervus.runtime._service import Service
+from nervus.runtime._service import GroupHealth, Health, Service
 
 __all__ = [
     "Context",
     "DeliveryInfo",
+    "GroupHealth",
     "Handler",
     "HandlerLogger",
+    "Health",
     "KeyedDispatcher",
     "Registration",
     "RetryPolicy",

@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Fraction of the delay taken off at random, 0 to 1 (``NERVUS_BACKOFF_JITTER``)."""
     shutdown_timeout: float = 30.0
     """Seconds to finish in-flight work when stopping (``NERVUS_SHUTDOWN_TIMEOUT``)."""
+    publish_timeout: float = 30.0
+    """Seconds a publish keeps retrying while the broker is unreachable, with backoff,
+    before it raises (``NERVUS_PUBLISH_TIMEOUT``); 0 raises at once."""
     log_level: str = "INFO"
     """Level of nervus's log output (``NERVUS_LOG_LEVEL``)."""
 
@@ -69,6 +72,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         problems += _positive(self, "backoff_max")
         problems += _at_least(self, "backoff_multiplier", 1.0)
         problems += _at_least(self, "shutdown_timeout", 0.0)
+        problems += _at_least(self, "publish_timeout", 0.0)
         if not (
             _finite(self.backoff_jitter) and 0.0 <= self.backoff_jitter <= 1.0
         ):  # also catches NaN

@@ -31,6 +31,7 @@ from nervus.runtime._context import CURRENT, Context
 from nervus.runtime._dispatch import KeyedDispatcher
 from nervus.runtime._handlers import Registration
 from nervus.runtime._outgoing import group_by_channel
+from nervus.runtime._publishing import Outage
 from nervus.runtime._retry import RetryPolicy
 from nervus.transports import DeadLetterReason, Delivery, OutgoingMessage, Subscription, Transport
 
@@ -60,6 +61,7 @@ class GroupConsumer:
         registry: TypeRegistry,
         clock: Clock,
         on_failure: Callable[[BaseException], None],
+        publish: Callable[[str, list[OutgoingMessage]], Awaitable[None]],
     ) -> None:
         self.service = service
         self.group = group
@@ -71,6 +73,8 @@ class GroupConsumer:
         self._registry = registry
         self._clock = clock
         self._on_failure = on_failure
+        self._publish = publish
+        self.fetch_outage = Outage()
         self._source = "/nervus/" + service
         self._sub: Subscription | None = None
         self._dispatcher: KeyedDispatcher[_Work] | None = None
@@ -143,13 +147,12 @@ class GroupConsumer:
                 if not exc.retryable:
                     raise
                 failures += 1
-                delay = self._retry.backoff(failures)
-                log.warning(
-                    "fetch for group %r failed (%s); retrying in %.1f s", self.group, exc, delay
-                )
-                await self._clock.sleep(delay)
+                self.fetch_outage.failed(f"fetching for group {self.group!r}", exc)
+                await self._clock.sleep(min(self._retry.backoff(failures), 5.0))
                 continue
-            failures = 0
+            if failures:
+                failures = 0
+                self.fetch_outage.recovered(f"fetching for group {self.group!r}")
             if deliveries:
                 self._accept(deliveries)
 
@@ -285,10 +288,10 @@ class GroupConsumer:
     async def _publish_staged(self, staged: list[tuple[str, OutgoingMessage]]) -> None:
         if len(staged) == 1:
             channel, message = staged[0]
-            await self._transport.publish(channel, [message])
+            await self._publish(channel, [message])
             return
         for channel, messages in group_by_channel(staged).items():
-            await self._transport.publish(channel, messages)
+            await self._publish(channel, messages)
 
     # -- settling ---------------------------------------------------------------------
 

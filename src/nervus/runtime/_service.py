@@ -11,21 +11,42 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Literal, Self
 
+import msgspec
+
 from nervus.core import REGISTRY, SYSTEM_CLOCK, Clock, Message, TypeRegistry, channel_of, type_name
 from nervus.errors import ConfigurationError
+from nervus.runtime import _publishing as publishing
 from nervus.runtime._config import Settings
 from nervus.runtime._consumer import GroupConsumer
 from nervus.runtime._context import CURRENT
 from nervus.runtime._handlers import E, Handler, Registration, describe
 from nervus.runtime._outgoing import encode, group_by_channel
 from nervus.runtime._retry import RetryPolicy
-from nervus.transports import Transport, from_url
+from nervus.transports import OutgoingMessage, Transport, from_url
 
 log = logging.getLogger("nervus.runtime")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 
 _State = Literal["new", "open", "running", "stopping", "closed"]
+
+
+class GroupHealth(msgspec.Struct, frozen=True):
+    """One consumer group of a service."""
+
+    channels: list[str]
+    in_flight: int
+    fetching: bool
+
+
+class Health(msgspec.Struct, frozen=True):
+    """A service's health: ``healthy`` when running with no problem."""
+
+    service: str
+    state: str
+    healthy: bool
+    problems: list[str]
+    groups: dict[str, GroupHealth]
 
 
 class Service:
@@ -78,6 +99,7 @@ class Service:
         self._stop_requested: asyncio.Event | None = None
         self._failure: BaseException | None = None
         self._stopping: asyncio.Future[None] | None = None
+        self._publish_outage = publishing.Outage()
 
     @property
     def state(self) -> str:
@@ -202,7 +224,18 @@ class Service:
             subject=subject,
             cause=None if ctx is None else ctx.envelope,
         )
-        await self.transport.publish(channel, [message])
+        await self._publish(channel, [message])
+
+    async def _publish(self, channel: str, messages: list[OutgoingMessage]) -> None:
+        await publishing.publish(
+            self.transport,
+            channel,
+            messages,
+            timeout=self.settings.publish_timeout,
+            retry=self.retry,
+            clock=self._clock,
+            outage=self._publish_outage,
+        )
 
     async def publish_many(self, events: Iterable[Message]) -> None:
         """Publish several events, one transport call per channel, in order per channel."""
@@ -212,7 +245,37 @@ class Service:
         cause = None if ctx is None else ctx.envelope
         staged = [encode(e, source=self.source, cause=cause) for e in events]
         for channel, messages in group_by_channel(staged).items():
-            await self.transport.publish(channel, messages)
+            await self._publish(channel, messages)
+
+    # -- health ---------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """Whether the service is running and reaching its broker: what a liveness or
+        readiness probe, or a dashboard, asks. A broker outage shows as problems here
+        (and as warnings in the log) while publishers and consumers retry."""
+        problems = []
+        outage = self._publish_outage.describe("publishing")
+        if outage is not None:
+            problems.append(outage)
+        groups = {}
+        for consumer in self._consumers:
+            failing = consumer.fetch_outage.describe(f"group {consumer.group!r}: fetching")
+            if failing is not None:
+                problems.append(failing)
+            groups[consumer.group] = GroupHealth(
+                channels=list(consumer.channels),
+                in_flight=consumer.in_flight,
+                fetching=failing is None,
+            )
+        if self._failure is not None:
+            problems.append(f"a consumer failed: {self._failure!r}")
+        return Health(
+            service=self.name,
+            state=self._state,
+            healthy=self._state == "running" and not problems,
+            problems=problems,
+            groups=groups,
+        )
 
     # -- running --------------------------------------------------------------------
 
@@ -237,6 +300,7 @@ class Service:
                     registry=self._registry,
                     clock=self._clock,
                     on_failure=self._consumer_failed,
+                    publish=self._publish,
                 )
                 await consumer.start()
                 self._consumers.append(consumer)
