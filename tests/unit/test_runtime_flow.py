@@ -61,7 +61,7 @@ def settings(url: str, **overrides: object) -> Settings:
 async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Poll state that other tasks change, failing after ``within`` seconds."""
     async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the state has no event to wait on
+        while not predicate():
             await asyncio.sleep(0.005)
 
 

@@ -81,7 +81,7 @@ async def read_all(url: str, channel: str, expected: int, within: float = 5.0) -
 async def wait_for(predicate: Callable[[], bool], within: float = 5.0) -> None:
     """Poll state that other tasks change, failing after ``within`` seconds."""
     async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the state has no event to wait on
+        while not predicate():
             await asyncio.sleep(0.005)
 
 
