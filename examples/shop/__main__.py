@@ -83,6 +83,19 @@ class Processes:
                 stderr=subprocess.STDOUT,
             )
 
+    async def wait_started(self, timeout: float = 60.0) -> None:
+        """Wait until every service says it has started consuming (its first log line)."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self._procs)
+        while waiting and time.monotonic() < deadline:
+            for name in list(waiting):
+                text = (self._log_dir / f"{name}.log").read_text(errors="replace")
+                if f"service '{name}' started" in text:
+                    waiting.discard(name)
+            if self.crashed():
+                return
+            await asyncio.sleep(0.05)
+
     def crashed(self) -> list[str]:
         return [n for n, p in self._procs.items() if p.poll() is not None]
 
@@ -129,6 +142,7 @@ async def main(args: argparse.Namespace, state: Path) -> int:
         else:
             processes = Processes(dict(os.environ), state)
             processes.start()
+            await processes.wait_started()
         try:
             publishing = asyncio.create_task(_place(storefront, placed, audit, args.rate))
             await audit.inject_poison(storefront.transport, args.poison)
