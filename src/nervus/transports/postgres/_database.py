@@ -4,7 +4,9 @@ A psycopg connection serialises single statements, not transactions: two
 coroutines running transactions on one connection would mix their statements.
 ``Connection.use()`` hands the connection to one operation at a time, reconnects
 after the server or the network dropped it, and turns driver errors into nervus
-errors naming the (redacted) URL.
+errors naming the (redacted) URL. ``Reachability``, shared by the connections of
+one transport, logs an outage once: a warning when the server is first found gone,
+another when it answers again.
 
 ``Publisher`` coalesces the publishes of one process: those arriving while a
 transaction is running go together into the next one, so concurrent publishes
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -54,13 +57,71 @@ def as_transport_error(exc: BaseException, where: str) -> BaseException:
     return error
 
 
+def connection_lost(conn: AsyncConnection[Any], exc: BaseException) -> bool:
+    """Whether ``exc`` cost ``conn`` its server connection (rather than failing one
+    statement on a connection still usable)."""
+    return conn.closed or conn.broken or isinstance(exc, psycopg.InterfaceError)
+
+
+class Reachability:
+    """Whether the server answers, shared by the connections of one transport so
+    that an outage is logged once, however many connections and calls fail in it.
+
+    ``lost`` logs a warning naming the URL and the error when the server is first
+    found gone; failures while it is down, and failures of connections opened
+    before the outage began (found stale once used again), are logged at debug
+    level only. ``reached`` logs when a connection succeeds again. Failures before
+    the first successful connection are not logged: ``connect()`` raises them.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.outages = 0  # outages so far; a connection remembers the count it opened at
+        self.down_since: float | None = None
+        self.error = ""  # the error that began the current outage
+        self._ever_reached = False
+
+    def lost(self, opened_at: int | None, exc: BaseException) -> None:
+        """A connection opened when ``outages`` was ``opened_at`` (None: a connection
+        attempt) failed with ``exc``."""
+        known = opened_at is not None and opened_at < self.outages
+        if self.down_since is not None or known or not self._ever_reached:
+            log.debug("PostgreSQL at %s: %s", self.where, exc)
+            return
+        self.outages += 1
+        self.down_since = time.monotonic()
+        self.error = str(exc).strip() or type(exc).__name__
+        log.warning(
+            "PostgreSQL at %s is unreachable (%s); publishing fails with "
+            "TransportUnavailable and consumers retry until the server answers again",
+            self.where,
+            self.error,
+        )
+
+    def reached(self) -> int:
+        """A connection was opened: returns the outage count for it to remember."""
+        self._ever_reached = True
+        if self.down_since is not None:
+            log.warning(
+                "PostgreSQL at %s answers again after an outage of %.1f s",
+                self.where,
+                time.monotonic() - self.down_since,
+            )
+            self.down_since = None
+        return self.outages
+
+
 class Connection:
     """One server connection, used by one operation at a time (see ``use``)."""
 
-    def __init__(self, conninfo: str, *, where: str, timeout: float) -> None:
+    def __init__(
+        self, conninfo: str, *, where: str, timeout: float, reachability: Reachability
+    ) -> None:
         self._conninfo = conninfo
         self.where = where
         self._timeout = timeout
+        self._reachability = reachability
+        self._opened_at = 0
         self._conn: AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -82,14 +143,18 @@ class Connection:
                 async with asyncio.timeout(self._timeout):
                     conn = await open_connection(self._conninfo, timeout=self._timeout)
             except TimeoutError as exc:
-                raise TransportUnavailable(
+                error = TransportUnavailable(
                     f"cannot connect to PostgreSQL at {self.where} within {self._timeout}s"
-                ) from exc
+                )
+                self._reachability.lost(None, error)
+                raise error from exc
             except psycopg.Error as exc:
+                self._reachability.lost(None, exc)
                 raise TransportUnavailable(
                     f"cannot connect to PostgreSQL at {self.where}: {exc}"
                 ) from exc
             self._conn = conn
+            self._opened_at = self._reachability.reached()
         return conn
 
     @contextlib.asynccontextmanager
@@ -101,6 +166,8 @@ class Connection:
             try:
                 yield conn
             except psycopg.Error as exc:
+                if connection_lost(conn, exc):
+                    self._reachability.lost(self._opened_at, exc)
                 raise as_transport_error(exc, self.where) from exc
 
     async def close(self, *, final: bool = True) -> None:

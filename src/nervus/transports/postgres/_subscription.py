@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from nervus.errors import TransportError
+from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import (
     DeadLetterReason,
     Delivery,
@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from nervus.transports.postgres._transport import PostgresTransport
 
 log = logging.getLogger("nervus.transports.postgres")
+
+_LONGEST_WAIT = 2.0  # seconds between two commit attempts while they fail
+
+
+def _log_failure(exc: BaseException, message: str, *args: object) -> None:
+    """A warning with the traceback, or only a debug line when the server is
+    unreachable (the transport's ``Reachability`` logs that once per outage)."""
+    if isinstance(exc, TransportUnavailable):
+        log.debug(message + ": %s", *args, exc)
+    else:
+        log.warning(message, *args, exc_info=exc)
 
 
 class PostgresSubscription(Subscription):
@@ -69,6 +80,7 @@ class PostgresSubscription(Subscription):
         self._commit_task: asyncio.Task[None] | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
+        self._commit_failures = 0
         self._renewed_at = time.monotonic()
 
     @property
@@ -112,6 +124,12 @@ class PostgresSubscription(Subscription):
         if time.monotonic() - self._renewed_at > self._settings.lease_seconds:
             # Not renewed within a lease: another member may own these partitions
             # now, so fetch nothing until the next renewal says what is still ours.
+            reachability = self._transport.reachability
+            if reachability.down_since is not None:
+                raise TransportUnavailable(
+                    f"PostgreSQL at {reachability.where} is unreachable ({reachability.error}); "
+                    f"group {self.group!r} waits to renew its lease"
+                )
             owned = []
         if not owned:
             return []
@@ -242,7 +260,10 @@ class PostgresSubscription(Subscription):
             return
         if self._commit_task is not None:
             return  # the running commit reschedules when it ends
-        wait = self._last_commit + self._settings.commit_interval - time.monotonic()
+        interval = self._settings.commit_interval
+        if self._commit_failures:  # the server is unreachable or refuses: back off
+            interval = max(interval, min(0.1 * 2 ** (self._commit_failures - 1), _LONGEST_WAIT))
+        wait = self._last_commit + interval - time.monotonic()
         if wait <= 0:
             self._commit_task = asyncio.create_task(self._commit())
         else:
@@ -269,11 +290,12 @@ class PostgresSubscription(Subscription):
                         done=done,
                         durable=self._durable,
                     )
-            except Exception:
-                log.warning(
-                    "committing positions of group %r failed; retrying", self.group, exc_info=True
-                )
+            except Exception as exc:
+                self._commit_failures += 1
+                _log_failure(exc, "committing positions of group %r failed; retrying", self.group)
                 self._restore(positions, done)
+            else:
+                self._commit_failures = 0
             finally:
                 self._retries_committing.difference_update(done)
         finally:
@@ -307,12 +329,12 @@ class PostgresSubscription(Subscription):
                 next_renewal = time.monotonic() + (soon if waiting else heartbeat)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.warning(
+            except Exception as exc:
+                _log_failure(
+                    exc,
                     "renewing the lease of %s in group %r failed; retrying",
                     self._member,
                     self.group,
-                    exc_info=True,
                 )
                 next_renewal = time.monotonic() + min(heartbeat, 1.0)
 

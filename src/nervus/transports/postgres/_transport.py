@@ -1,5 +1,13 @@
 """The PostgreSQL transport: the partitioned log, consumer groups, retries and replay
-in tables of one schema, shared by consumer processes on any number of machines."""
+in tables of one schema, shared by consumer processes on any number of machines.
+
+While the server is unreachable, ``publish`` and ``fetch`` raise the retryable
+``TransportUnavailable`` (naming the URL without its password) as soon as the
+connection is found broken, or after at most ``connect_timeout`` seconds of trying
+to reconnect; they do not retry by themselves (the runtime does, with backoff).
+Commits of settled positions and lease renewals are retried in the background.
+One warning is logged per outage. Once the server answers, the same transport and
+subscriptions carry on; see the package docstring for the details."""
 
 from __future__ import annotations
 
@@ -26,7 +34,12 @@ from nervus.transports._contract import (
     partition_for,
 )
 from nervus.transports.postgres import _log, _membership
-from nervus.transports.postgres._database import Connection, Publisher, as_transport_error
+from nervus.transports.postgres._database import (
+    Connection,
+    Publisher,
+    Reachability,
+    as_transport_error,
+)
 from nervus.transports.postgres._listen import Listener
 from nervus.transports.postgres._schema import create_schema
 from nervus.transports.postgres._settings import PostgresSettings, redact, split_url
@@ -62,16 +75,18 @@ class PostgresTransport(Transport):
         self.url = redact(conninfo)
         self._conninfo = conninfo
         timeout = settings.connect_timeout
-        self.writer = Connection(conninfo, where=self.url, timeout=timeout)
-        self.reader = Connection(conninfo, where=self.url, timeout=timeout)
-        self.control = Connection(conninfo, where=self.url, timeout=timeout)
+        self.reachability = Reachability(self.url)
+        self.writer, self.reader, self.control = (
+            Connection(conninfo, where=self.url, timeout=timeout, reachability=self.reachability)
+            for _ in range(3)
+        )
         self._publisher = Publisher(self.writer, self._append, self.notify_change)
         self._listener = Listener(
             conninfo,
             settings.notify_channel,
-            where=self.url,
             timeout=timeout,
             on_notify=self._notified,
+            reachability=self.reachability,
         )
         self._channels: dict[str, tuple[int, int]] = {}
         self._round_robin: dict[str, int] = {}
