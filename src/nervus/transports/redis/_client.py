@@ -1,9 +1,11 @@
-"""The connection to Redis: opening it, the registered scripts, and turning client
-errors into nervus errors."""
+"""The connection to Redis: opening it, the registered scripts, turning client
+errors into nervus errors, and noticing when the server goes away and comes back."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +21,11 @@ from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports.redis import _scripts
 from nervus.transports.redis._settings import RedisSettings
 
+log = logging.getLogger("nervus.transports.redis")
+
+# The client errors that mean the server could not be reached or did not answer
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
 # XAUTOCLAIM that also reports deleted entries, and scripts that read the time
 XAUTOCLAIM_VERSION = (7, 0)
 WAITAOF_VERSION = (7, 2)
@@ -32,14 +39,6 @@ def redact(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def failure(exc: BaseException, what: str, *, channel: str | None = None) -> TransportError:
-    """The nervus error for a failed Redis call: unavailable when the connection
-    failed or timed out (a retry can help), else a plain transport error."""
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
-        return TransportUnavailable(f"{what}: Redis is unreachable ({exc})", channel=channel)
-    return TransportError(f"{what}: Redis refused ({type(exc).__name__}: {exc})", channel=channel)
 
 
 def version_of(text: str) -> tuple[int, int]:
@@ -70,6 +69,65 @@ class Connection:
         self.prune: AsyncScript = self.client.register_script(_scripts.PRUNE)
         self.version = (0, 0)
         self.aof_enabled = False
+        self._down_since: float | None = None
+        self._dropping: asyncio.Task[None] | None = None
+
+    # -- outages ------------------------------------------------------------------
+
+    @property
+    def down(self) -> bool:
+        """Whether the last call that reached for the server found it unreachable."""
+        return self._down_since is not None
+
+    def failed(
+        self, exc: BaseException, what: str, *, channel: str | None = None
+    ) -> TransportError:
+        """The nervus error for a failed Redis call, naming the server: unavailable
+        (a retry can help) when the connection failed or timed out, which also marks
+        the start of an outage; else a plain transport error."""
+        if isinstance(exc, CONNECTION_ERRORS):
+            self.lost(exc)
+            return TransportUnavailable(
+                f"{what}: Redis at {self.where} is unreachable ({exc or type(exc).__name__}); "
+                "retry once it is back",
+                channel=channel,
+            )
+        return TransportError(
+            f"{what}: Redis at {self.where} refused ({type(exc).__name__}: {exc})",
+            channel=channel,
+        )
+
+    def lost(self, exc: BaseException) -> None:
+        """Note that a call could not reach the server; the first of an outage logs
+        a warning, the others of the same outage only count."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "Redis at %s is unreachable (%s: %s); publishing fails with "
+                "TransportUnavailable and subscriptions retry until it is back",
+                self.where,
+                type(exc).__name__,
+                exc,
+            )
+            # The pool's idle connections lead to the server that went away: drop them,
+            # so that once it is back each does not fail one more call.
+            if self._dropping is None or self._dropping.done():
+                self._dropping = asyncio.get_running_loop().create_task(self._drop_idle())
+
+    async def _drop_idle(self) -> None:
+        try:
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+        except (RedisError, OSError) as exc:
+            log.debug("closing idle connections to Redis at %s failed: %s", self.where, exc)
+
+    def reached(self) -> None:
+        """Note that a call reached the server; ends an outage, logging how long it was."""
+        since = self._down_since
+        if since is not None:
+            self._down_since = None
+            log.info(
+                "Redis at %s is reachable again after %.1f s", self.where, time.monotonic() - since
+            )
 
     async def open(self) -> None:
         """Check the server answers and can do what the settings ask, within
@@ -112,4 +170,7 @@ class Connection:
             )
 
     async def close(self) -> None:
+        dropping, self._dropping = self._dropping, None
+        if dropping is not None:
+            await asyncio.gather(dropping, return_exceptions=True)
         await self.client.aclose()

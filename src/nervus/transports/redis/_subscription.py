@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from nervus.transports._contract import (
     DeadLetterReason,
@@ -64,7 +64,7 @@ from nervus.transports._contract import (
     dead_letter_message,
     ensure_open,
 )
-from nervus.transports.redis._client import Connection, failure
+from nervus.transports.redis._client import CONNECTION_ERRORS, Connection
 from nervus.transports.redis._layout import delivery_of, escape
 
 if TYPE_CHECKING:
@@ -73,6 +73,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("nervus.transports.redis")
 
 GENERATION_CHECK = 0.1
+# Acknowledgements that could not be sent are retried after this, doubling up to the
+# longest, while the server is unreachable.
+COMMIT_RETRY_FIRST = 0.05
+COMMIT_RETRY_LONGEST = 1.0
 
 
 class OwnedPartition:
@@ -166,6 +170,7 @@ class RedisSubscription(Subscription):
         self._commit_task: asyncio.Task[None] | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
         self._last_commit = 0.0
+        self._commit_failures = 0
         self._renewed_at = time.monotonic()
 
     @property
@@ -177,7 +182,7 @@ class RedisSubscription(Subscription):
         try:
             await self._renew()
         except RedisError as exc:
-            raise failure(exc, f"joining group {self.group!r}") from exc
+            raise self._connection.failed(exc, f"joining group {self.group!r}") from exc
         self._lease_task = asyncio.create_task(self._lease_loop())
 
     def _what(self) -> str:
@@ -192,13 +197,53 @@ class RedisSubscription(Subscription):
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             try:
-                out = await self._poll(max_messages, deadline)
+                try:
+                    out = await self._poll(max_messages, deadline)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc) or self._closed:
+                        raise
+                    await self._recreate_group(exc)
+                    out = []
             except RedisError as exc:
                 if self._closed:
                     return []
-                raise failure(exc, f"fetching for group {self.group!r}") from exc
+                raise self._connection.failed(exc, f"fetching for group {self.group!r}") from exc
             if out or self._closed or time.monotonic() >= deadline:
                 return out
+
+    async def _recreate_group(self, missing: ResponseError) -> None:
+        """Create the group again where it is missing: the server lost it (a restart
+        without persistence) or someone deleted it. It reads those streams from their
+        beginning, so what was published since is not missed. The channels' partition
+        counts are written again too, should the server have lost them."""
+        pipe = self._client.pipeline(transaction=False)
+        for name, count in self._counts.items():
+            pipe.set(self._keys.channel(name), count, nx=True)
+        streams = [
+            self._keys.stream(name, p) for name, count in self._counts.items() for p in range(count)
+        ]
+        for stream in streams:
+            pipe.xgroup_create(stream, self.group, id="0", mkstream=True)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        created = 0
+        for result in results[len(self._counts) :]:
+            if not isinstance(result, Exception):
+                created += 1
+            elif not (isinstance(result, ResponseError) and "BUSYGROUP" in str(result)):
+                raise result
+        for result in results[: len(self._counts)]:
+            if isinstance(result, Exception):
+                raise result
+        log.warning(
+            "group %r was missing on Redis at %s (%s): the server restarted without "
+            "persistence or the group was deleted; created it again on %d of %d streams, "
+            "reading them from their beginning",
+            self.group,
+            self._connection.where,
+            missing,
+            created,
+            len(streams),
+        )
 
     async def _poll(self, limit: int, deadline: float) -> list[Delivery]:
         settings = self._settings
@@ -479,7 +524,7 @@ class RedisSubscription(Subscription):
         try:
             results: list[Any] = await pipe.execute()
         except RedisError as exc:
-            raise failure(exc, what, channel=delivery.channel) from exc
+            raise self._connection.failed(exc, what, channel=delivery.channel) from exc
         if len(results) > 1:
             self._transport.check_durability_wait(results[-1], what, delivery.channel)
         if type(handle) is RetryHandle:
@@ -510,7 +555,11 @@ class RedisSubscription(Subscription):
             return
         if self._commit_task is not None or self._closed:
             return  # the running commit reschedules when it ends; close flushes
-        wait = self._last_commit + self._settings.commit_interval - time.monotonic()
+        interval = self._settings.commit_interval
+        if self._commit_failures:
+            backoff = COMMIT_RETRY_FIRST * 2 ** min(self._commit_failures - 1, 10)
+            interval = max(interval, min(backoff, COMMIT_RETRY_LONGEST))
+        wait = self._last_commit + interval - time.monotonic()
         if wait <= 0:
             self._commit_task = asyncio.create_task(self._commit())
         else:
@@ -525,7 +574,13 @@ class RedisSubscription(Subscription):
         try:
             try:
                 await self._send_settled()
+                self._commit_failures = 0
+            except CONNECTION_ERRORS as exc:
+                # kept and sent again with backoff; the outage is logged once
+                self._commit_failures += 1
+                self._connection.lost(exc)
             except RedisError:
+                self._commit_failures += 1
                 log.warning(
                     "acknowledging deliveries of group %r failed; retrying",
                     self.group,
@@ -584,8 +639,13 @@ class RedisSubscription(Subscription):
                 if generation != self._generation or time.monotonic() >= next_renewal:
                     waiting = await self._renew()
                     next_renewal = time.monotonic() + (check * 3 if waiting else heartbeat)
+                self._connection.reached()
             except asyncio.CancelledError:
                 raise
+            except CONNECTION_ERRORS as exc:
+                # retried every check; the outage is logged once, and fetch waits for
+                # a renewal once the lease ran out
+                self._connection.lost(exc)
             except Exception:
                 log.warning(
                     "renewing the lease of %s in group %r failed; retrying",

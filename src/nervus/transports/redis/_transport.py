@@ -16,6 +16,24 @@ setups without ``wait_aof`` can ask for ``WAIT`` on ``wait_replicas`` replicas.
 ``nack`` waits the same way. ``connect()`` logs a warning when the server keeps
 no append-only file.
 
+When the server goes away: a call that cannot reach it raises
+``TransportUnavailable`` (retryable, naming the URL without its password) instead
+of retrying inside the transport, so ``publish`` fails within ``connect_timeout``
+when nothing accepts the connection and within ``command_timeout`` when the
+server accepts it but does not answer; the runtime's publishing retries with
+backoff up to ``publish_timeout``. ``fetch`` raises the same error (the runtime's
+consumer retries it with backoff); a subscription keeps its settlements and sends
+them again with growing delays, and its heartbeat keeps trying, so its lease is
+renewed as soon as the server answers (a member whose lease ran out meanwhile
+fetches nothing until then). The first failure of an outage logs one warning
+naming the URL and the error and closes the client's idle pooled connections
+(which lead to the old server process); the first successful call afterwards logs
+that the server is reachable again. Nothing needs reopening: the client connects
+again on the next call. A server that comes back without its data (no
+persistence) has lost its consumer groups: a subscription that finds its group
+missing creates it again, reading those streams from their beginning, and logs a
+warning; what the server lost (unconsumed entries, pending retries) is gone.
+
 See ``_layout`` for the keys and the offset of a stream id, ``_subscription`` for
 groups, and ``RedisSettings`` for the options.
 """
@@ -46,7 +64,7 @@ from nervus.transports._contract import (
     partition_for,
 )
 from nervus.transports._urls import parse_options
-from nervus.transports.redis._client import Connection, failure, redact
+from nervus.transports.redis._client import Connection, redact
 from nervus.transports.redis._layout import SEQ_BITS, Keys, fields_of, id_before
 from nervus.transports.redis._settings import RedisSettings
 from nervus.transports.redis._subscription import RedisSubscription
@@ -165,7 +183,7 @@ class RedisTransport(Transport):
             pipe.get(key)
             _, found = await pipe.execute()
         except RedisError as exc:
-            raise failure(exc, "reading the partition count", channel=channel) from exc
+            raise connection.failed(exc, "reading the partition count", channel=channel) from exc
         count = int(found)
         self._channels[channel] = count
         return count
@@ -196,7 +214,10 @@ class RedisTransport(Transport):
         try:
             results = await pipe.execute()
         except RedisError as exc:
-            raise failure(exc, f"publishing {len(messages)} messages", channel=channel) from exc
+            raise connection.failed(
+                exc, f"publishing {len(messages)} messages", channel=channel
+            ) from exc
+        connection.reached()
         self.check_durability_wait(results[-1], f"publishing {len(messages)} messages", channel)
 
     def add_durability_wait(self, pipe: Any) -> None:
@@ -272,12 +293,12 @@ class RedisTransport(Transport):
         try:
             results = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
-            raise failure(exc, f"creating consumer group {group!r}") from exc
+            raise connection.failed(exc, f"creating consumer group {group!r}") from exc
         for result in results:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-                raise failure(result, f"creating consumer group {group!r}")
+                raise connection.failed(result, f"creating consumer group {group!r}")
             if isinstance(result, Exception) and not isinstance(result, ResponseError):
-                raise failure(result, f"creating consumer group {group!r}")
+                raise connection.failed(result, f"creating consumer group {group!r}")
 
     async def _move_positions(
         self, connection: Connection, group: str, counts: dict[str, int], start: Start
@@ -309,4 +330,6 @@ class RedisTransport(Transport):
         try:
             await pipe.execute()
         except RedisError as exc:
-            raise failure(exc, f"moving the positions of group {group!r} for a replay") from exc
+            raise connection.failed(
+                exc, f"moving the positions of group {group!r} for a replay"
+            ) from exc
