@@ -3,6 +3,10 @@
 ``produce`` only queues a message inside librdkafka (it never blocks); a thread
 polls the producer for delivery reports and resolves each batch's future on the
 event loop once every message of the batch is acknowledged (``acks=all``).
+
+While no broker answers, librdkafka keeps the queued messages and sends them once
+one does; a message not acknowledged within ``message.timeout.ms`` (the transport's
+``delivery_timeout``) fails its batch with ``TransportUnavailable``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import OutgoingMessage
+from nervus.transports.kafka._reachability import CONNECTIVITY
 
 POLL_INTERVAL = 0.05
 """How long the polling thread waits for delivery reports in one call."""
@@ -71,9 +76,10 @@ class Publisher:
     """One idempotent producer shared by every publish of a transport."""
 
     def __init__(
-        self, config: dict[str, Any], log: logging.Logger, *, also_poll: Any = None
+        self, config: dict[str, Any], log: logging.Logger, *, url: str, also_poll: Any = None
     ) -> None:
         self._producer = Producer(config)
+        self._url = url
         self._also_poll = also_poll  # a client whose logs and errors this thread serves
         self._log = log
         self._stop = threading.Event()
@@ -125,7 +131,7 @@ class Publisher:
             batch.withdraw()
             batch.seal()
             await batch.future
-            raise _publish_error(topic, exc.args[0] if exc.args else exc) from exc
+            raise _publish_error(self._url, topic, exc.args[0] if exc.args else exc) from exc
         except BaseException:
             batch.withdraw()
             batch.seal()
@@ -133,7 +139,7 @@ class Publisher:
         batch.seal()
         await batch.future
         if batch.error is not None:
-            raise _publish_error(topic, batch.error)
+            raise _publish_error(self._url, topic, batch.error)
 
     def close(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for queued messages; stop polling. Returns how many
@@ -148,8 +154,19 @@ def _header_list(headers: Mapping[str, str]) -> list[tuple[str, str | bytes | No
     return [(k, v.encode()) for k, v in headers.items()]
 
 
-def _publish_error(topic: str, error: object) -> TransportError:
-    text = f"Kafka did not accept messages published to topic {topic!r}: {error}"
-    if isinstance(error, KafkaError) and error.retriable():
+def _publish_error(url: str, topic: str, error: object) -> TransportError:
+    if not isinstance(error, KafkaError):
+        return TransportError(
+            f"Kafka at {url} did not accept messages published to topic {topic!r}: {error}",
+            channel=topic,
+        )
+    text = f"Kafka at {url} did not accept messages published to topic {topic!r}: {error.str()}"
+    if error.code() in CONNECTIVITY:
+        return TransportUnavailable(
+            f"{text}; no broker acknowledged them within the delivery_timeout, "
+            "publish them again once Kafka answers",
+            channel=topic,
+        )
+    if error.retriable():
         return TransportUnavailable(text, channel=topic)
     return TransportError(text, channel=topic)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka._types import HeadersType
 
-from nervus.errors import TransportError
+from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import (
     DeadLetterReason,
     Delivery,
@@ -35,6 +35,7 @@ from nervus.transports._contract import (
     dead_letter_message,
     ensure_open,
 )
+from nervus.transports.kafka._reachability import CONNECTIVITY
 
 if TYPE_CHECKING:
     from nervus.transports.kafka._transport import KafkaTransport
@@ -159,9 +160,15 @@ class KafkaSubscription(Subscription):
             try:
                 batch = await asyncio.shield(job)
             except KafkaException as exc:
-                raise TransportError(
-                    f"fetching for group {self.group!r} from Kafka failed: {exc}"
-                ) from exc
+                text = (
+                    f"fetching for group {self.group!r} from Kafka at {self._transport.url} failed"
+                )
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and (
+                    error.retriable() or error.code() in CONNECTIVITY
+                ):
+                    raise TransportUnavailable(f"{text}: {error.str()}") from exc
+                raise TransportError(f"{text}: {exc}") from exc
             finally:
                 if job.done():
                     self._job = None
@@ -294,9 +301,10 @@ class KafkaSubscription(Subscription):
 
     def _open(self) -> None:
         settings, group = self._settings, self.group
-        self._consumer = Consumer(settings.consumer_config(log, group, self._max_in_flight))
+        config = self._transport.reachability.client_config
+        self._consumer = Consumer(config(settings.consumer_config(log, group, self._max_in_flight)))
         self._retries = Consumer(
-            settings.retry_consumer_config(log, retry_group(group), self._max_in_flight)
+            config(settings.retry_consumer_config(log, retry_group(group), self._max_in_flight))
         )
         self._consumer.subscribe(
             list(self.channels),
@@ -436,6 +444,8 @@ class KafkaSubscription(Subscription):
             self._failure = TransportError(
                 f"the Kafka consumer of group {self.group!r} failed for good: {error}"
             )
+        elif error.code() in CONNECTIVITY:
+            self._transport.reachability.lost(error.str())
         else:
             log.warning("Kafka consumer of group %r: %s", self.group, error)
 
@@ -533,6 +543,10 @@ class KafkaSubscription(Subscription):
     def _commit_pending(self) -> None:
         consumer, retries = self._consumer, self._retries
         if consumer is None or retries is None:
+            return
+        if self._transport.reachability.unreachable:
+            # Kept until Kafka answers again: a synchronous commit now would hold this
+            # thread, and so every fetch, until the group's session times out.
             return
         with self._lock:
             if not self._positions:

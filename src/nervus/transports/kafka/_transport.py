@@ -1,4 +1,23 @@
-"""The Kafka transport: topics are channels, consumer groups are groups."""
+"""The Kafka transport: topics are channels, consumer groups are groups.
+
+When the brokers go away, nothing is reopened: librdkafka reconnects every client
+by itself, with backoff, and the transport warns once per outage (naming the URL
+and the error) and notes when the cluster answers again.
+
+- ``publish`` blocks and retries: librdkafka keeps the batch queued and sends it
+  once a broker answers. The bound is ``delivery_timeout`` (120 s unless the URL
+  sets it): a batch not acknowledged by then fails with ``TransportUnavailable``
+  naming the URL and the topic. Publishing it again is safe (at-least-once).
+- A subscription's ``fetch`` keeps its time bound and returns nothing while the
+  brokers are away. Settling still works; the settled positions are kept and
+  committed once the cluster answers again (a commit already under way when the
+  outage begins can hold the member's thread until its session times out).
+- A member whose session timed out during the outage rejoins its group, which may
+  move partitions: deliveries fetched before are then stale (settling them changes
+  nothing) and come again from the last committed position. Nothing acknowledged
+  and committed before the outage comes back; deliveries unsettled at the outage
+  may come twice.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +42,17 @@ from nervus.transports._contract import (
     ensure_open,
 )
 from nervus.transports.kafka._producer import Publisher
+from nervus.transports.kafka._reachability import CONNECTIVITY, Reachability
 from nervus.transports.kafka._settings import KafkaSettings, parse_url, redact
 from nervus.transports.kafka._subscription import KafkaSubscription, retry_topic
 
 log = logging.getLogger("nervus.transports.kafka")
+
+PROBE_BACKOFF = (0.25, 5.0)
+"""First and longest wait between probes of an unreachable cluster, in seconds."""
+
+PROBE_TIMEOUT = 5.0
+"""How long one probe waits for the cluster to answer, in seconds."""
 
 # Errors creating a topic that a retry cannot fix: the name or the settings are wrong.
 _REFUSED = {
@@ -77,6 +103,9 @@ class KafkaTransport(Transport):
         self._subscriptions: set[KafkaSubscription] = set()
         self._connected = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self.reachability = Reachability(self.url, log, on_outage=self._outage_began)
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> KafkaTransport:
@@ -91,9 +120,13 @@ class KafkaTransport(Transport):
         if self._connected:
             return
         timeout = self.settings.connect_timeout
+        self._loop = asyncio.get_running_loop()
+        config = self.reachability.client_config
         try:
-            admin = AdminClient(self.settings.admin_config(log))
-            publisher = Publisher(self.settings.producer_config(log), log, also_poll=admin)
+            admin = AdminClient(config(self.settings.admin_config(log)))
+            publisher = Publisher(
+                config(self.settings.producer_config(log)), log, url=self.url, also_poll=admin
+            )
         except KafkaException as exc:
             raise ConfigurationError([f"Kafka transport on {self.url}: {_text(exc)}"]) from exc
         try:
@@ -102,6 +135,9 @@ class KafkaTransport(Transport):
         except (KafkaException, TimeoutError) as exc:
             await asyncio.to_thread(publisher.close, 0)
             reason = _text(exc) if isinstance(exc, KafkaException) else "no answer"
+            cause = self.reachability.last_error
+            if cause is not None and cause not in reason:
+                reason = f"{reason}; last connection error: {cause}"
             raise TransportUnavailable(
                 f"cannot reach Kafka at {self.url} within {timeout}s: {reason}"
             ) from exc
@@ -112,6 +148,9 @@ class KafkaTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         for sub in list(self._subscriptions):
             with contextlib.suppress(TransportError, KafkaException):
                 await sub.close()
@@ -122,6 +161,35 @@ class KafkaTransport(Transport):
             left = await asyncio.to_thread(publisher.close, min(self.settings.delivery_timeout, 30))
             if left:
                 log.warning("closing the Kafka transport on %s dropped %d messages", self.url, left)
+
+    # -- outages ----------------------------------------------------------------
+
+    def _outage_began(self) -> None:
+        """Called on a client's thread at the first connectivity error of an outage."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._start_probe)
+
+    def _start_probe(self) -> None:
+        if self._closed or self._admin is None:
+            return
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_until_answered(self._admin))
+
+    async def _probe_until_answered(self, admin: AdminClient) -> None:
+        """Ask the cluster to describe itself, with backoff, until it answers."""
+        delay = PROBE_BACKOFF[0]
+        while self.reachability.unreachable and not self._closed:
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT + 1):
+                    await asyncio.wrap_future(admin.describe_cluster(request_timeout=PROBE_TIMEOUT))
+            except (KafkaException, TimeoutError) as exc:
+                log.debug("Kafka at %s still does not answer: %s", self.url, _text(exc))
+                delay = min(delay * 2, PROBE_BACKOFF[1])
+                continue
+            self.reachability.answered()
 
     def _check(self) -> None:
         ensure_open(self._closed, f"Kafka transport on {self.url}")
@@ -185,7 +253,7 @@ class KafkaTransport(Transport):
         except KafkaException as exc:
             error = _error(exc)
             if error is None or error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise _topic_error(topic, "create", exc) from exc
+                raise _topic_error(topic, "create", exc, self.url) from exc
         return await self._describe(topic)
 
     async def _describe(self, topic: str) -> int:
@@ -203,7 +271,7 @@ class KafkaTransport(Transport):
             except KafkaException as exc:
                 error = _error(exc)
                 if error is None or error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise _topic_error(topic, "describe", exc) from exc
+                    raise _topic_error(topic, "describe", exc, self.url) from exc
             if time.monotonic() > deadline:
                 raise TransportUnavailable(
                     f"topic {topic!r} was created but Kafka did not show it within "
@@ -225,7 +293,7 @@ class KafkaTransport(Transport):
         except KafkaException as exc:
             error = _error(exc)
             if error is None or error.code() != KafkaError.INVALID_PARTITIONS:
-                raise _topic_error(topic, "add partitions to", exc) from exc
+                raise _topic_error(topic, "add partitions to", exc, self.url) from exc
         self._channels.pop(topic, None)
         await self._topic(topic)
 
@@ -288,11 +356,11 @@ def _text(exc: BaseException) -> str:
     return error.str() if error is not None else str(exc)
 
 
-def _topic_error(topic: str, action: str, exc: KafkaException) -> Exception:
+def _topic_error(topic: str, action: str, exc: KafkaException, url: str) -> Exception:
     error = _error(exc)
-    text = f"cannot {action} Kafka topic {topic!r}: {_text(exc)}"
+    text = f"cannot {action} Kafka topic {topic!r} on {url}: {_text(exc)}"
     if error is not None and error.code() in _REFUSED:
         return ConfigurationError([f"channel {topic!r}: {text}"])
-    if error is not None and error.retriable():
+    if error is not None and (error.retriable() or error.code() in CONNECTIVITY):
         return TransportUnavailable(text, channel=topic)
     return TransportError(text, channel=topic)
