@@ -32,7 +32,9 @@ class NatsSettings(msgspec.Struct, kw_only=True):
     it bounds how long the messages of a dead member stay away). It applies to the
     group consumers this transport creates.
     ``connect_timeout`` bounds ``connect()``; ``request_timeout`` bounds each request
-    to the server (publish acknowledgements, stream and consumer management).
+    to the server (publish acknowledgements, stream and consumer management), including
+    the wait for the client to reconnect while the server is unreachable: a publish
+    during an outage fails with ``TransportUnavailable`` after at most that long.
     """
 
     servers: list[str]

@@ -20,6 +20,13 @@ Deliveries held (fetched or received, not yet settled) are kept alive by a
 messages of a member that died; the server then delivers them to the partition's
 next owner. A member that loses a partition, or closes, gives back what it holds
 of it at once with ``-NAK``.
+
+While the connection is down (the client reconnects by itself) a member sends no
+pull requests and does not renew its lease; a fetch returns what is already held,
+else waits its timeout for the reconnect and then raises ``TransportUnavailable``
+(the runtime retries with backoff). Acknowledgements wait in the client's buffer and
+go out on reconnect. Once reconnected, the next renewal says which partitions are
+still this member's and fetching resumes.
 """
 
 from __future__ import annotations
@@ -166,6 +173,10 @@ class NatsSubscription(Subscription):
         if self._closed or self._transport.closed:
             ensure_open(True, f"subscription of group {self.group!r}")
 
+    def wake(self) -> None:
+        """Wake a waiting fetch (the connection is back: pull again now)."""
+        self._arrived.set()
+
     # -- receiving --------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
@@ -246,6 +257,15 @@ class NatsSubscription(Subscription):
             if out or self._closed:
                 return out
             self._arrived.clear()
+            if not self._nc.is_connected:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._transport.unavailable(f"fetching for group {self.group!r}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()  # woken on reconnect
+                self._check()
+                continue
             await self._pull(max_messages, deadline)
             if self._buffer:
                 continue
@@ -304,8 +324,8 @@ class NatsSubscription(Subscription):
     async def _pull(self, limit: int, deadline: float) -> None:
         """Ask the owned partitions without an open request for up to what a fetch
         may still return."""
-        if not self._owned or not self._lease_valid():
-            return
+        if not self._owned or not self._lease_valid() or not self._nc.is_connected:
+            return  # while reconnecting, a request would only wait in the client's buffer
         now = time.monotonic()
         owned = list(self._owned.values())
         asked = 0
@@ -358,7 +378,8 @@ class NatsSubscription(Subscription):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         self._check()
         publish = self._nc.publish
-        async with self._transport.requests(f"acknowledging for group {self.group!r}"):
+        # No waiting for the connection: while it is down the client buffers the acks.
+        async with self._transport.requests(f"acknowledging for group {self.group!r}", wait=False):
             for d in deliveries:
                 reply = self._reply_of(d, pop=True)
                 if reply is not None:  # else settled already, or given back
@@ -407,6 +428,10 @@ class NatsSubscription(Subscription):
             await asyncio.sleep(check)
             if self._closed:
                 break
+            if not self._nc.is_connected:
+                # The transport reported the outage; renew as soon as it is back.
+                next_renewal = 0.0
+                continue
             try:
                 if self._returning:
                     await self._expire_returns()
@@ -421,6 +446,9 @@ class NatsSubscription(Subscription):
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if not self._nc.is_connected:  # cut by an outage the transport reports
+                    next_renewal = 0.0
+                    continue
                 log.warning(
                     "renewing the lease of %s in group %r failed; retrying",
                     self._member,

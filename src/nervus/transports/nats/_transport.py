@@ -1,5 +1,31 @@
 """The NATS JetStream transport: a stream per channel, a subject per partition, a
-durable pull consumer per group and partition, group leases in a key-value bucket."""
+durable pull consumer per group and partition, group leases in a key-value bucket.
+
+When the server goes away
+    The client reconnects by itself, once a second, for as long as the transport is
+    open; nothing needs reopening. The transport logs one warning per outage, naming
+    the URL and the error, and one info line when it is back. Meanwhile:
+
+    - ``publish`` (and every other request: channel and consumer creation, nack,
+      dead-letter) waits for the connection to come back for at most
+      ``request_timeout`` seconds in all, then raises ``TransportUnavailable``
+      (retryable) naming the URL, how long the connection has been down and the
+      last error. A publish cut by the outage may still have been stored: publish
+      it again; JetStream drops the repeat by ``ce_id`` within ``duplicate_window``.
+    - ``fetch`` sends no pull requests; it returns what it already holds, else waits
+      its timeout for the reconnect and then raises ``TransportUnavailable``
+      (retryable: the runtime fetches again with backoff).
+    - ``ack`` does not wait: acknowledgements are buffered by the client (up to its
+      outbound buffer) and sent on reconnect; when the buffer is full it raises
+      ``TransportUnavailable``.
+    - A subscription stops renewing its lease; once ``lease_seconds`` pass without
+      renewal it hands out nothing more until a renewal after the reconnect says
+      which partitions it still owns.
+
+    The streams, consumers and their acknowledgement state are the server's
+    (``storage=file`` keeps them across a restart), so what was acknowledged stays
+    acknowledged and what was delivered but not acknowledged is delivered again.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -91,7 +118,8 @@ class NatsTransport(Transport):
         if problems:
             raise ConfigurationError(problems)
         self.settings = settings
-        self.url = redact(url or ",".join(settings.servers))
+        # the servers without password or options, for messages
+        self.url = redact((url or ",".join(settings.servers)).partition("?")[0])
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._bucket: KeyValue | None = None
@@ -103,6 +131,8 @@ class NatsTransport(Transport):
         self._connected = False
         self._closed = False
         self._last_error: BaseException | None = None
+        self._up = asyncio.Event()  # set while the client is connected
+        self._down_since: float | None = None
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> NatsTransport:
@@ -145,6 +175,8 @@ class NatsTransport(Transport):
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=1,
                     error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
                     name=f"nervus-{socket.gethostname()}-{os.getpid()}",
                 )
                 js = nc.jetstream(
@@ -160,12 +192,18 @@ class NatsTransport(Transport):
             if isinstance(exc, no_jetstream):
                 what = "JetStream is not enabled on the server (start nats-server with -js)"
             else:
-                what = f"{type(cause).__name__}: {cause}" if cause else "no answer"
+                what = (
+                    _describe(cause)
+                    if cause
+                    else "no NATS server answered there (the client port is usually 4222)"
+                )
             raise TransportUnavailable(
                 f"cannot reach NATS JetStream at {self.url} within "
                 f"{settings.connect_timeout}s: {what}"
             ) from exc
         self._nc, self._js = nc, js
+        self._down_since = None
+        self._up.set()
         try:
             self._bucket = await self._groups_bucket()
         except TransportError:
@@ -177,8 +215,62 @@ class NatsTransport(Transport):
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
-        if self._connected:
-            log.warning("NATS connection to %s: %s", self.url, exc)
+        if self._connected and self._down_since is None and not isinstance(exc, _CONNECTION_LOST):
+            log.warning("NATS connection to %s: %s", self.url, _describe(exc))
+        else:  # connecting, or the outage was already reported
+            log.debug("NATS connection to %s: %s", self.url, _describe(exc))
+
+    async def _on_disconnected(self) -> None:
+        if not self._connected or self._closed or self._down_since is not None:
+            return
+        self._up.clear()
+        self._down_since = time.monotonic()
+        log.warning(
+            "lost the connection to NATS at %s (%s); reconnecting every second: publishes "
+            "wait up to %ss for it, fetches fail until it is back",
+            self.url,
+            _describe(self._last_error) if self._last_error else "closed by the server",
+            self.settings.request_timeout,
+        )
+
+    async def _on_reconnected(self) -> None:
+        if self._closed:
+            return
+        down = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        log.info(
+            "reconnected to NATS at %s after %.1fs (last error: %s)",
+            self.url,
+            down,
+            _describe(self._last_error) if self._last_error else "none",
+        )
+        self._down_since = None
+        self._last_error = None
+        self._up.set()
+        for sub in self._subscriptions:
+            sub.wake()
+
+    @property
+    def connection_up(self) -> bool:
+        """Whether the client is connected now (False during an outage, while it
+        reconnects)."""
+        return self._nc is not None and self._nc.is_connected
+
+    def unavailable(self, what: str, channel: str | None = None) -> TransportUnavailable:
+        """The error of ``what`` failing because the connection is down."""
+        return TransportUnavailable(
+            f"{what} on {self.url} failed: not connected{self._outage()}", channel=channel
+        )
+
+    def _outage(self) -> str:
+        """Why requests fail now: how long the connection has been down and the last
+        error, or the empty string while connected."""
+        if self._down_since is None:
+            return ""
+        error = _describe(self._last_error) if self._last_error else "closed by the server"
+        return (
+            f"; the connection has been down for {time.monotonic() - self._down_since:.1f}s "
+            f"(last error: {error}) and the client keeps reconnecting: retry later"
+        )
 
     async def _groups_bucket(self) -> KeyValue:
         js = self._jetstream()
@@ -242,20 +334,26 @@ class NatsTransport(Transport):
         return self._bucket
 
     @contextlib.asynccontextmanager
-    async def _requests(self, what: str, channel: str | None = None, rounds: int = 1) -> Any:
+    async def _requests(
+        self, what: str, channel: str | None = None, rounds: int = 1, *, wait: bool = True
+    ) -> Any:
         """Turn the client's errors into nervus errors naming ``what`` failed; give up
-        after ``rounds`` request timeouts."""
+        after ``rounds`` request timeouts. With ``wait``, first wait (within that
+        time) for the connection when the client is reconnecting."""
         seconds = self.settings.request_timeout * rounds
         try:
             async with asyncio.timeout(seconds):
+                if wait and not (self._nc is not None and self._nc.is_connected):
+                    self._up.clear()  # set again on reconnect
+                    await self._up.wait()
                 yield
         except (TimeoutError, nats.errors.TimeoutError) as exc:
             raise TransportUnavailable(
-                f"{what} on {self.url} timed out after {seconds}s", channel=channel
+                f"{what} on {self.url} timed out after {seconds}s{self._outage()}", channel=channel
             ) from exc
-        except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+        except _UNAVAILABLE as exc:
             raise TransportUnavailable(
-                f"{what} on {self.url} failed: {type(exc).__name__}: {exc}", channel=channel
+                f"{what} on {self.url} failed: {_describe(exc)}{self._outage()}", channel=channel
             ) from exc
         except nats.errors.Error as exc:
             raise TransportError(
@@ -465,6 +563,28 @@ class NatsTransport(Transport):
     def closed(self) -> bool:
         return self._closed
 
-    def requests(self, what: str, channel: str | None = None) -> Any:
+    def requests(self, what: str, channel: str | None = None, *, wait: bool = True) -> Any:
         """A context turning client errors into nervus errors (for subscriptions)."""
-        return self._requests(what, channel)
+        return self._requests(what, channel, wait=wait)
+
+
+_CONNECTION_LOST = (nats.errors.StaleConnectionError, ConnectionError)
+"""Errors the client reports when it loses the connection (the outage warning names them)."""
+
+_UNAVAILABLE = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""Client errors a later retry can get past: no connection, or JetStream not ready."""
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of a client error (many have an empty or generic message)."""
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and text != name else name
