@@ -11,7 +11,9 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
 
     ``amqp_url`` is the URL without the nervus options (what the client connects to).
     ``partitions`` is the partition count of channels created by this transport (a
-    channel that exists keeps its count). ``connect_timeout`` bounds ``connect()``.
+    channel that exists keeps its count). ``connect_timeout`` bounds ``connect()`` and
+    each reconnection attempt; ``publish_timeout`` bounds how long ``publish`` waits
+    for the broker's confirms.
     ``heartbeat_seconds`` is how often a group member announces itself;
     ``session_seconds`` how long a member that stopped announcing still counts as
     alive (a member that closes says so and leaves at once; a crashed member's
@@ -24,6 +26,7 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
     amqp_url: str
     partitions: int = 8
     connect_timeout: float = 10.0
+    publish_timeout: float = 30.0
     heartbeat_seconds: float = 1.0
     session_seconds: float = 6.0
     commit_interval: float = 0.2
@@ -34,7 +37,7 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
         problems: list[str] = []
         if not 1 <= self.partitions <= 1024:
             problems.append(f"partitions={self.partitions} must be between 1 and 1024")
-        for name in ("connect_timeout", "heartbeat_seconds", "session_seconds"):
+        for name in ("connect_timeout", "publish_timeout", "heartbeat_seconds", "session_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if self.session_seconds < 3 * self.heartbeat_seconds:

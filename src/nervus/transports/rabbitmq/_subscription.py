@@ -19,7 +19,7 @@ import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from nervus.errors import TransportError
+from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import (
     DeadLetterReason,
     Delivery,
@@ -31,6 +31,7 @@ from nervus.transports._contract import (
 )
 from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._membership import Members, targets
+from nervus.transports.rabbitmq._outage import Outage, alive
 
 if TYPE_CHECKING:
     from nervus.transports.rabbitmq._transport import RabbitTransport
@@ -94,7 +95,11 @@ class RabbitSubscription(Subscription):
     positions at most every ``commit_interval`` seconds.
 
     Each subscription has a connection of its own: the broker drops its locks, and
-    requeues the retries it held, the moment that connection drops.
+    requeues the retries it held, the moment that connection drops. When it drops
+    while the subscription is open, the member gives up its partitions (what it
+    fetched and had not settled is delivered again), reconnects with backoff, commits
+    the positions it had settled and takes its share of the partitions again; in the
+    meantime ``fetch`` raises ``TransportUnavailable`` (retryable).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class RabbitSubscription(Subscription):
         self._commit_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._outage = Outage(f"member {self._member} of group {self.group!r}", transport.where)
 
     @property
     def member(self) -> str:
@@ -131,9 +137,7 @@ class RabbitSubscription(Subscription):
         return self._member
 
     async def start(self) -> None:
-        self._connection = await self._transport.open_connection()
-        self._control = await self._connection.channel(publisher_confirms=True)
-        await self._members.start(await self._connection.channel())
+        await self._connect()
         await self._rebalance()
         self._tasks = [
             asyncio.create_task(self._membership_loop()),
@@ -151,6 +155,12 @@ class RabbitSubscription(Subscription):
             out = await self._take(max_messages)
             if out or self._closed:
                 return out
+            if self._outage.down:
+                raise TransportUnavailable(
+                    f"group {self.group!r} lost its connection to RabbitMQ at "
+                    f"{self._transport.where} ({self._outage.error}); reconnecting in the "
+                    "background, fetch again later"
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -306,6 +316,11 @@ class RabbitSubscription(Subscription):
 
     async def dead_letter(self, delivery: Delivery, reason: DeadLetterReason) -> None:
         ensure_open(self._closed, f"subscription of group {self.group!r}")
+        handle = delivery.handle
+        if isinstance(handle, _Handle) and (
+            self._owned.get((delivery.channel, delivery.partition)) is not handle.owned
+        ):
+            return  # revoked: the partition's next owner delivers it again
         await self._transport.publish(
             dead_letter_channel(delivery.channel, self.group),
             [dead_letter_message(delivery, self.group, reason)],
@@ -315,14 +330,19 @@ class RabbitSubscription(Subscription):
             await self._ack_retry(retry)
 
     async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
-        control = await self._control_channel()
-        if exchange:
-            target = await control.get_exchange(exchange, ensure=False)
-        else:
-            target = control.default_exchange
         try:
+            control = await self._control_channel()
+            if exchange:
+                target = await control.get_exchange(exchange, ensure=False)
+            else:
+                target = control.default_exchange
             await target.publish(message, routing_key)
         except Exception as exc:
+            if self._outage.down or not alive(self._connection):
+                raise TransportUnavailable(
+                    f"RabbitMQ at {self._transport.where} is unreachable for group "
+                    f"{self.group!r} ({type(exc).__name__}: {exc}); reconnecting"
+                ) from exc
             raise TransportError(
                 f"RabbitMQ at {self._transport.where} did not accept a message for group "
                 f"{self.group!r} on {routing_key or exchange!r}: {type(exc).__name__}: {exc}"
@@ -343,6 +363,8 @@ class RabbitSubscription(Subscription):
         interval = max(self._settings.commit_interval, 0.01)
         while not self._closed:
             await asyncio.sleep(interval)
+            if self._outage.down:
+                continue  # committed once reconnected
             try:
                 await self._commit()
             except asyncio.CancelledError:
@@ -375,6 +397,63 @@ class RabbitSubscription(Subscription):
         )
         await self._send("", _names.offset_queue(pair[0], self.group, pair[1]), message)
 
+    # -- connection -------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Open a connection, its control channel, and join the group's announcements."""
+        connection = await self._transport.open_connection()
+        try:
+            self._connection = connection
+            async with asyncio.timeout(self._settings.connect_timeout):
+                self._control = await connection.channel(publisher_confirms=True)
+                await self._members.start(await connection.channel())
+        except BaseException:
+            self._connection = None
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        connection.close_callbacks.add(self._on_close)
+
+    def _on_close(self, connection: object, error: BaseException | None) -> None:
+        if not self._closed and connection is self._connection:
+            self._lost(error)
+
+    def _lost(self, error: BaseException | None) -> None:
+        """The connection dropped: give up every partition (the broker released the
+        locks) and let the membership loop reconnect."""
+        if self._outage.down:
+            return
+        self._outage.lost(error)
+        self._revoke_all()
+        self._members.changed.set()  # wakes the membership loop, which reconnects
+        self._ready.set()  # wakes fetch, which reports the outage
+
+    def _revoke_all(self) -> None:
+        for pair in list(self._owned):
+            self._tracker.forget(*pair)
+        self._owned.clear()
+        self._buffer.clear()
+
+    async def _reconnect(self) -> bool:
+        """One reconnection attempt: connect, commit what was settled before the
+        outage (so it is not read again), then rebalance as usual."""
+        try:
+            await self._connect()
+            self._revoke_all()  # anything acquired while the connection was dying
+            async with asyncio.timeout(self._settings.connect_timeout):
+                await self._commit()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._outage.failed(exc)
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+            return False
+        self._outage.restored()
+        return True
+
     # -- membership -------------------------------------------------------------
 
     async def _membership_loop(self) -> None:
@@ -389,6 +468,12 @@ class RabbitSubscription(Subscription):
             changed.clear()
             if self._closed:
                 break
+            if not self._outage.down and not alive(self._connection):
+                self._lost(None)
+            if self._outage.down:
+                if self._outage.wait() > 0 or not await self._reconnect():
+                    continue
+                next_announcement = time.monotonic() + heartbeat
             try:
                 if time.monotonic() >= next_announcement:
                     next_announcement = time.monotonic() + heartbeat
@@ -396,7 +481,10 @@ class RabbitSubscription(Subscription):
                 await self._rebalance()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                if not alive(self._connection):
+                    self._lost(exc)  # one warning for the outage, not one per attempt
+                    continue
                 log.warning(
                     "rebalancing %s in group %r failed; retrying",
                     self._member,
@@ -506,6 +594,15 @@ class RabbitSubscription(Subscription):
         self._buffer.clear()
         connection, self._connection = self._connection, None
         if connection is None:
+            return
+        if not alive(connection):
+            if self._positions:
+                log.warning(
+                    "group %r closed while RabbitMQ at %s was unreachable: settled positions "
+                    "were not committed; their messages will be delivered again",
+                    self.group,
+                    self._transport.where,
+                )
             return
         try:
             for o in owned:

@@ -1,5 +1,32 @@
 """The RabbitMQ transport: each channel partition is a stream queue (a durable,
-replayable log); consumer groups keep their positions in the broker."""
+replayable log); consumer groups keep their positions in the broker.
+
+When the broker goes away
+    The transport and each subscription notice that their connection dropped, log
+    one warning naming the broker (password hidden) and the error, and reconnect
+    with exponential backoff (0.2 s doubling up to 5 s between attempts); the end of
+    the outage is logged too. Nothing needs to be reopened by the caller.
+
+    - ``publish`` (and ``ensure_channel``, ``subscribe``) never waits for the broker
+      to come back: while it is unreachable they raise ``TransportUnavailable``
+      (retryable) naming the broker, after at most one reconnection attempt bounded
+      by ``connect_timeout``; a publish whose confirms do not arrive within
+      ``publish_timeout`` raises it too. As the contract says, a publish that failed
+      may still have been accepted in part.
+    - ``fetch`` raises ``TransportUnavailable`` (retryable: the runtime fetches again
+      with backoff) while the subscription's connection is down, and returns
+      deliveries again once it is back. Deliveries fetched before the connection
+      dropped and not settled by then are revoked (settling them afterwards does
+      nothing) and delivered again after the reconnection; what was settled before
+      is not, because the member commits its settled positions first and reads
+      again from them.
+
+    The client's automatic reconnection (``connect_robust``) is not used: it would
+    restore the exclusive lock queues and the stream consumers from their original
+    offsets (giving a partition two owners and redelivering settled messages) and it
+    reopens channels the broker closed after a failed declaration, which the
+    declaration of channels relies on.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +56,7 @@ from nervus.transports._contract import (
 )
 from nervus.transports._urls import parse_options
 from nervus.transports.rabbitmq import _names
+from nervus.transports.rabbitmq._outage import Outage, alive
 from nervus.transports.rabbitmq._settings import RabbitSettings, redact
 from nervus.transports.rabbitmq._subscription import RabbitSubscription
 
@@ -78,6 +106,8 @@ class RabbitTransport(Transport):
         self._round_robin: dict[str, int] = {}
         self._subscriptions: set[RabbitSubscription] = set()
         self._closed = False
+        self._reconnect_lock = asyncio.Lock()
+        self._outage = Outage("the RabbitMQ transport", self.where)
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> RabbitTransport:
@@ -115,16 +145,105 @@ class RabbitTransport(Transport):
         ensure_open(self._closed, f"RabbitMQ transport on {self.where}")
         if self._connection is not None:
             return
+        await self._open()
+
+    async def _open(self) -> AbstractConnection:
         connection = await self.open_connection()
         try:
-            self._publisher = await connection.channel(publisher_confirms=True)
-            self._admin = await connection.channel(publisher_confirms=True)
+            # a broker still starting may accept connections long before channels
+            async with asyncio.timeout(self.settings.connect_timeout):
+                publisher = await connection.channel(publisher_confirms=True)
+                admin = await connection.channel(publisher_confirms=True)
         except Exception as exc:
-            await connection.close()
+            with contextlib.suppress(Exception):
+                await connection.close()
             raise TransportUnavailable(
-                f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
+                f"cannot open a channel on RabbitMQ at {self.where} within "
+                f"{self.settings.connect_timeout}s (connect_timeout): {type(exc).__name__}: {exc}"
             ) from exc
-        self._connection = connection
+        # Exchange objects belong to the channel that fetched them.
+        self._exchanges.clear()
+        old, self._connection = self._connection, connection
+        self._publisher, self._admin = publisher, admin
+        connection.close_callbacks.add(self._on_close)
+        if old is not None:  # the connection that dropped: release what it holds
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.settings.connect_timeout):
+                    await old.close()
+        return connection
+
+    def _on_close(self, connection: object, error: BaseException | None) -> None:
+        if not self._closed and connection is self._connection:
+            self._outage.lost(error)
+
+    async def _live(self) -> AbstractConnection:
+        """The connection, reconnected first if it dropped; ``TransportUnavailable``
+        while the broker cannot be reached (one attempt per backoff period, bounded by
+        ``connect_timeout``; callers arriving during an attempt do not wait for it)."""
+        connection = self._check()
+        if alive(connection) and not self._outage.down:
+            if self._publisher is None or self._publisher.is_closed:
+                await self._reopen_publisher(connection)
+            return connection
+        if self._reconnect_lock.locked():
+            raise TransportUnavailable(
+                f"RabbitMQ at {self.where} is unreachable ({self._outage.error}); reconnecting now"
+            )
+        async with self._reconnect_lock:
+            ensure_open(self._closed, f"RabbitMQ transport on {self.where}")
+            connection = self._check()
+            if alive(connection) and not self._outage.down:
+                return connection
+            if not self._outage.down:
+                self._outage.lost(None)
+            wait = self._outage.wait()
+            if wait > 0:
+                raise TransportUnavailable(
+                    f"RabbitMQ at {self.where} is unreachable ({self._outage.error}); "
+                    f"reconnecting, next attempt in {wait:.1f}s"
+                )
+            try:
+                connection = await self._open()
+            except TransportUnavailable as exc:
+                self._outage.failed(exc)
+                raise
+            self._outage.restored()
+            return connection
+
+    async def _reopen_publisher(self, connection: AbstractConnection) -> None:
+        """A new publishing channel, after the broker closed the last one."""
+        async with self._reconnect_lock:
+            if self._publisher is not None and not self._publisher.is_closed:
+                return
+            try:
+                publisher = await connection.channel(publisher_confirms=True)
+            except Exception as exc:
+                self._unavailable(exc, "opening a channel")
+                raise TransportError(
+                    f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
+                ) from exc
+            self._exchanges.clear()
+            self._publisher = publisher
+
+    def _unavailable(self, exc: BaseException, doing: str, channel: str | None = None) -> None:
+        """Raise ``TransportUnavailable`` for ``exc`` if it means the connection dropped."""
+        connection = self._connection
+        if (
+            not alive(connection)
+            or self._outage.down
+            or isinstance(
+                exc,
+                aiormq.exceptions.AMQPConnectionError
+                | aiormq.exceptions.ChannelInvalidStateError
+                | ConnectionError
+                | TimeoutError,
+            )
+        ):
+            raise TransportUnavailable(
+                f"{doing} on RabbitMQ at {self.where} failed: the connection was lost "
+                f"({type(exc).__name__}: {exc}); retry once the broker is back",
+                channel=channel,
+            ) from exc
 
     async def close(self) -> None:
         if self._closed:
@@ -150,7 +269,7 @@ class RabbitTransport(Transport):
     async def admin(self) -> AbstractChannel:
         """The channel for declarations and control messages (reopened after a
         declaration failed, which closes a channel)."""
-        connection = self._check()
+        connection = await self._live()
         if self._admin is None or self._admin.is_closed:
             self._admin = await connection.channel(publisher_confirms=True)
         return self._admin
@@ -158,7 +277,7 @@ class RabbitTransport(Transport):
     # -- channels and publishing --------------------------------------------------
 
     async def ensure_channel(self, channel: str, partitions: int | None = None) -> int:
-        self._check()
+        await self._live()
         return (await self._channel(channel, partitions))[1]
 
     async def _channel(
@@ -183,6 +302,7 @@ class RabbitTransport(Transport):
             except TransportError:
                 raise
             except Exception as exc:
+                self._unavailable(exc, "declaring the channel", channel)
                 raise TransportError(
                     f"declaring the exchange and streams on RabbitMQ at {self.where} failed: "
                     f"{type(exc).__name__}: {exc}",
@@ -246,7 +366,7 @@ class RabbitTransport(Transport):
             return int(found.group(1))
 
     async def publish(self, channel: str, messages: Sequence[OutgoingMessage]) -> None:
-        self._check()
+        await self._live()
         if not messages:
             return
         exchange, count = await self._channel(channel)
@@ -267,14 +387,23 @@ class RabbitTransport(Transport):
             )
             key = _names.routing_key(partition_for(m.key, count, counter + i), m.key)
             sends.append(exchange.publish(message, key))
+        timeout = self.settings.publish_timeout
         try:
-            results = await asyncio.gather(*sends, return_exceptions=True)
+            async with asyncio.timeout(timeout):
+                results = await asyncio.gather(*sends, return_exceptions=True)
+        except TimeoutError as exc:
+            raise TransportUnavailable(
+                f"RabbitMQ at {self.where} did not confirm {len(messages)} messages within "
+                f"{timeout}s (publish_timeout); some may have been accepted",
+                channel=channel,
+            ) from exc
         except Exception as exc:
             raise TransportError(f"publishing to RabbitMQ at {self.where} failed: {exc}") from exc
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             if self._closed:
                 ensure_open(True, f"RabbitMQ transport on {self.where}")
+            self._unavailable(failed[0], f"publishing {len(messages)} messages", channel)
             raise TransportError(
                 f"RabbitMQ at {self.where} did not accept {len(failed)} of {len(messages)} "
                 f"messages: {type(failed[0]).__name__}: {failed[0]}",
@@ -373,7 +502,7 @@ class RabbitTransport(Transport):
         max_in_flight: int = 1000,
         start: Start | None = None,
     ) -> Subscription:
-        self._check()
+        await self._live()
         names = list(dict.fromkeys(channels))
         if not names:
             raise ConfigurationError([f"group {group!r}: subscribe to at least one channel"])
