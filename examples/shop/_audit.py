@@ -151,12 +151,30 @@ class Audit:
                     and len(self.notified) >= self.total
                     and sum(self.dead_letters.values()) >= expected_dead_letters
                 ):
+                    # Channels are read side by side, so an order's last event can be
+                    # read before an earlier one on another channel: drain until quiet.
+                    await self._drain(deadline)
                     return True
                 dead = crashed()
                 if dead:
                     progress.console.print(f"[red]services exited early: {', '.join(dead)}")
                     return False
         return False
+
+    async def _drain(self, deadline: float, quiet: int = 3) -> None:
+        """Read until ``quiet`` fetches in a row find nothing (or the deadline)."""
+        assert self._subscription is not None
+        empty = 0
+        while empty < quiet and time.monotonic() < deadline:
+            deliveries = await self._subscription.fetch(1000, 0.2)
+            if not deliveries:
+                empty += 1
+                continue
+            empty = 0
+            now = time.perf_counter()
+            for d in deliveries:
+                self._record(d.channel, d.headers, d.body, now)
+            await self._subscription.ack(deliveries)
 
     def _record(self, channel: str, headers: Mapping[str, str], body: bytes, now: float) -> None:
         self.per_channel[channel] += 1
