@@ -29,7 +29,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration
 
 bench: $(STAMP)  ## benchmarks; prints one JSON document
-	$(PY) -m benchmarks.run --broker $(BROKER)
+	@$(PY) -m benchmarks.run --broker $(BROKER)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
