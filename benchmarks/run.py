@@ -10,6 +10,9 @@
 3. the ratio nervus / raw.
 4. end-to-end latency at a fixed low rate, stamped in the payload, read at the consumer.
 
+``--broker kafka|nats|redis|rabbitmq|postgres`` measures a server instead: nervus,
+the broker's raw client and FastStream on it (see ``benchmarks._brokers``).
+
 Every figure uses the same file system and durability: WAL, ``synchronous=FULL``.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from benchmarks._brokers import BROKERS, run_broker
 from benchmarks._workers import raw_connect
 
 TARGET_EVENTS_PER_S = 25_000
@@ -231,7 +235,30 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--broker", default="sqlite", choices=["sqlite"])
+    parser.add_argument(
+        "--broker",
+        default="sqlite",
+        choices=["sqlite", *BROKERS],
+        help="sqlite (embedded) or a server; the server figures are described in _brokers",
+    )
+    parser.add_argument("--url", default=None, help="the server's URL (--broker other than sqlite)")
+    parser.add_argument(
+        "--remove-leftovers",
+        action="store_true",
+        help="first remove what killed broker runs left on the server (none may be running)",
+    )
+    parser.add_argument(
+        "--faststream-logging",
+        choices=["on", "off"],
+        default="on",
+        help="FastStream's log line per message: on (its default) or off",
+    )
+    parser.add_argument(
+        "--faststream-events",
+        type=int,
+        default=10_000,
+        help="events of FastStream's run (--broker other than sqlite)",
+    )
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500, help="events per publish call")
     parser.add_argument(
@@ -248,9 +275,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dir", default=None, help="where the database files go")
     parser.add_argument(
-        "--options", default="", help="more sqlite:// URL options, e.g. 'poll_interval=0.002'"
+        "--options",
+        default="",
+        help="more nervus URL options, e.g. 'poll_interval=0.002' (sqlite), 'linger_ms=2' (kafka)",
     )
     args = parser.parse_args(argv)
+    if args.broker != "sqlite":
+        print(json.dumps(run_broker(args), indent=2))
+        return
     args.timeout = max(120.0, args.events / 1000, args.duration * 5)
 
     workdir = Path(tempfile.mkdtemp(prefix="nervus-bench-", dir=args.dir))
