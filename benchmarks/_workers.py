@@ -93,10 +93,15 @@ async def latency_producer(url: str, rate: float, duration: float) -> None:
     start = time.monotonic()
     tasks: set[asyncio.Task[None]] = set()
     publish_s: list[float] = []
+    errors: list[str] = []
 
     async def publish(n: int) -> None:
         began = time.perf_counter()
-        await transport.publish(CHANNEL, [to_message(make_event(n))])
+        try:
+            await transport.publish(CHANNEL, [to_message(make_event(n))])
+        except Exception as exc:  # reported below: a lost publish must show in the figures
+            errors.append(repr(exc))
+            return
         publish_s.append(time.perf_counter() - began)
 
     for n in range(total):
@@ -110,7 +115,7 @@ async def latency_producer(url: str, rate: float, duration: float) -> None:
     while tasks:
         await asyncio.gather(*list(tasks))
     await transport.close()
-    report(events=total, publish_s=publish_s)
+    report(events=total, publish_s=publish_s, failed=len(errors), errors=errors[:3])
 
 
 # -- raw sqlite3 -----------------------------------------------------------------------

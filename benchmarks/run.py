@@ -80,6 +80,12 @@ def pair(producer: list[str], consumer: list[str], timeout: float) -> dict[str, 
     producer_ready = producing.line()
     producing.go()
     produced = producing.result(timeout)
+    if produced.get("failed"):
+        # the consumer would wait for events that were never published
+        consuming.process.kill()
+        raise RuntimeError(
+            f"{produced['failed']} publishes failed, e.g. {produced.get('errors', [])[:1]}"
+        )
     consumed = consuming.result(timeout)
     produced["cpu_s"] -= producer_ready["cpu_s"]
     consumed["cpu_s"] -= consumer_ready["cpu_s"]
