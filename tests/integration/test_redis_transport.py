@@ -290,3 +290,28 @@ async def test_replay_from_end_skips_what_is_there(redis_url: str, prefix: str) 
         await transport.publish("tail", [OutgoingMessage(None, {"n": "new"}, b"")])
         [d] = await take(sub, 1)
         assert d.headers == {"n": "new"}
+
+
+@pytest.mark.integration
+@pytest.mark.redis
+async def test_many_concurrent_publishes_wait_for_a_connection_instead_of_failing(
+    redis_url: str, prefix: str
+) -> None:
+    """Hundreds of handlers publishing at once share the pool; none is refused."""
+    async with await open_transport(url_of(redis_url, prefix)) as transport:
+        await transport.ensure_channel("burst", 2)
+        await asyncio.gather(
+            *(
+                transport.publish("burst", [OutgoingMessage(key=f"k{n}", headers={}, body=b"x")])
+                for n in range(500)
+            )
+        )
+        sub = await transport.subscribe(["burst"], "burst-group")
+        got: list[tuple[int, int]] = []
+        async with asyncio.timeout(20):
+            while len(got) < 500:
+                batch = await sub.fetch(500, 0.5)
+                got += [(d.partition, d.offset) for d in batch]
+                await sub.ack(batch)
+        assert len(set(got)) == 500
+        await sub.close()

@@ -47,14 +47,21 @@ def version_of(text: str) -> tuple[int, int]:
     return (int(major), int(minor or 0))
 
 
+_MAX_CONNECTIONS = 64  # per transport; calls beyond it wait their turn
+
+
 class Connection:
     """A pooled client to one Redis server and the scripts registered on it."""
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
         self.where = redact(settings.address)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A blocking pool: when every connection is busy (many handlers publishing at
+        # once), a call waits for one instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.address,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=settings.command_timeout,
             socket_connect_timeout=settings.connect_timeout,
             socket_timeout=settings.command_timeout,
             health_check_interval=30,
@@ -62,6 +69,7 @@ class Connection:
             # entries pending that nobody saw; failures surface and are handled here.
             retry=Retry(NoBackoff(), 0),
         )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self.renew: AsyncScript = self.client.register_script(_scripts.RENEW)
         self.leave: AsyncScript = self.client.register_script(_scripts.LEAVE)
         self.nack: AsyncScript = self.client.register_script(_scripts.NACK)
