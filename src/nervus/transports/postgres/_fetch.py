@@ -9,29 +9,8 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from nervus.transports._contract import Delivery
+from nervus.transports._table_log import OwnedPartition, RetryHandle
 from nervus.transports.postgres import _log
-
-
-class OwnedPartition:
-    """A partition this member owns; also the ``handle`` of its deliveries, so a
-    delivery from an earlier ownership of the same partition is recognised."""
-
-    __slots__ = ("channel", "cid", "cursor", "part")
-
-    def __init__(self, channel: str, cid: int, part: int, cursor: int) -> None:
-        self.channel = channel
-        self.cid = cid
-        self.part = part
-        self.cursor = cursor
-
-
-class RetryHandle:
-    """The ``handle`` of a delivery read from the retries table."""
-
-    __slots__ = ("cid",)
-
-    def __init__(self, cid: int) -> None:
-        self.cid = cid
 
 
 class PollResult:

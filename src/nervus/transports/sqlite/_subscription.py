@@ -20,8 +20,9 @@ from nervus.transports._contract import (
     dead_letter_message,
     ensure_open,
 )
+from nervus.transports._table_log import OwnedPartition, RetryHandle, admit
 from nervus.transports.sqlite import _membership
-from nervus.transports.sqlite._fetch import OwnedPartition, RetryHandle, poll
+from nervus.transports.sqlite._fetch import poll
 from nervus.transports.sqlite._membership import PartitionKey
 
 if TYPE_CHECKING:
@@ -117,27 +118,9 @@ class SqliteSubscription(Subscription):
         )
         if retries:
             self._retry_due = result.retry_due
-        out: list[Delivery] = []
-        current = self._owned
-        for d in result.retries:
-            if (d.channel, d.partition) in current:
-                assert isinstance(d.handle, RetryHandle)
-                self._retries_in_flight.add((d.handle.cid, d.partition, d.offset))
-                out.append(d)
-        fetched = self._tracker.fetched
-        for handle, batch in result.batches:
-            channel, part = handle.channel, handle.part
-            if current.get((channel, part)) is not handle:
-                continue  # revoked while reading
-            if batch[0].offset < handle.cursor:  # another fetch read some of these
-                batch = [d for d in batch if d.offset >= handle.cursor]
-                if not batch:
-                    continue
-            for d in batch:
-                fetched(channel, part, d.offset)
-            handle.cursor = batch[-1].offset + 1
-            out.extend(batch)
-        return out
+        return admit(
+            result.retries, result.batches, self._owned, self._tracker, self._retries_in_flight
+        )
 
     # -- settling ---------------------------------------------------------------
 
