@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
+from nervus.sql._sqlite import Connection, Errors, Writer, checkpoint
+from nervus.sql._watch import Changes
 from nervus.transports._contract import (
     Features,
     OutgoingMessage,
@@ -27,11 +29,9 @@ from nervus.transports._contract import (
 )
 from nervus.transports._urls import parse_options
 from nervus.transports.sqlite import _log, _membership
-from nervus.transports.sqlite._database import Connection, Writer, checkpoint
 from nervus.transports.sqlite._schema import create_schema
 from nervus.transports.sqlite._settings import SqliteSettings
 from nervus.transports.sqlite._subscription import SqliteSubscription
-from nervus.transports.sqlite._watch import ChangeWatcher
 
 log = logging.getLogger("nervus.transports.sqlite")
 
@@ -60,12 +60,19 @@ class SqliteTransport(Transport):
         self.settings = settings
         self.path = os.path.abspath(settings.path)
         sync, busy = settings.synchronous, settings.busy_timeout
-        self.reader = Connection(self.path, name="reader", synchronous=sync, busy_timeout=busy)
+        errors = Errors(TransportUnavailable, TransportError)
+        self.reader = Connection(
+            self.path, name="reader", synchronous=sync, busy_timeout=busy, errors=errors
+        )
         self._checkpointer = Connection(
-            self.path, name="checkpoint", synchronous=sync, busy_timeout=busy
+            self.path, name="checkpoint", synchronous=sync, busy_timeout=busy, errors=errors
         )
         self.writer = Writer(
-            self.path, synchronous=sync, busy_timeout=busy, on_commit=self.notify_local
+            self.path,
+            synchronous=sync,
+            busy_timeout=busy,
+            on_commit=self.notify_local,
+            errors=errors,
         )
         self._channels: dict[str, tuple[int, int]] = {}
         self._round_robin: dict[str, int] = {}
@@ -73,11 +80,8 @@ class SqliteTransport(Transport):
         self._connected = False
         self._closed = False
         self._maintenance: asyncio.Task[None] | None = None
-        self._watcher: ChangeWatcher | None = None
+        self._changes = Changes(self.path, poll_interval=settings.poll_interval, busy_timeout=busy)
         self._checkpoints: asyncio.Task[None] | None = None
-        self._waiters = 0
-        self._change: asyncio.Future[None] | None = None
-        self.change_version = 0
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> SqliteTransport:
@@ -134,8 +138,7 @@ class SqliteTransport(Transport):
         for sub in list(self._subscriptions):
             with contextlib.suppress(TransportError):
                 await sub.close()
-        if self._watcher is not None:
-            self._watcher.stop()
+        self._changes.close()
         for task in (self._maintenance, self._checkpoints):
             if task is not None:
                 task.cancel()
@@ -247,35 +250,17 @@ class SqliteTransport(Transport):
 
     def notify_change(self) -> None:
         """Something may have changed: waiting fetches look again."""
-        self.change_version += 1
-        change, self._change = self._change, None
-        if change is not None and not change.done():
-            change.set_result(None)
+        self._changes.notify()
+
+    @property
+    def change_version(self) -> int:
+        """Moves on every change signalled; a fetch reads it before it looks."""
+        return self._changes.version
 
     async def wait_for_change(self, seen: int, longest: float) -> None:
         """Wait up to ``longest`` s, unless a change was signalled since a fetch read
         ``change_version`` as ``seen``."""
-        if self.change_version != seen or self._closed:
-            return
-        if self._change is None:
-            self._change = asyncio.get_running_loop().create_future()
-        change = self._change
-        if self._watcher is None:
-            self._watcher = ChangeWatcher(
-                self.path,
-                self.settings.poll_interval,
-                self.settings.busy_timeout,
-                asyncio.get_running_loop(),
-                self.notify_change,
-            )
-        self._waiters += 1
-        self._watcher.activate()
-        try:
-            await asyncio.wait([change], timeout=longest)
-        finally:
-            self._waiters -= 1
-            if not self._waiters:
-                self._watcher.deactivate()
+        await self._changes.wait(seen, longest)
 
     # -- retention ----------------------------------------------------------------
 

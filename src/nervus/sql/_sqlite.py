@@ -1,5 +1,8 @@
 """SQLite connections that run on threads of their own, and the group-committing writer.
 
+Shared by the embedded log (``nervus.transports.sqlite``) and the embedded event
+store (``nervus.storage.sqlite``): each passes the ``Errors`` its callers expect.
+
 Every SQLite call runs on the thread of its connection, never on the event loop:
 readers on a single-thread executor, the writer on its own thread. Writes go
 through ``Writer``: operations submitted while a transaction is running are
@@ -18,12 +21,39 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from nervus.errors import TransportError, TransportUnavailable
+from nervus.errors import NervusError
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-log = logging.getLogger("nervus.transports.sqlite")
+log = logging.getLogger("nervus.sql")
+
+
+class Errors:
+    """The error classes a user of these connections raises: ``unavailable`` when the
+    database cannot be used now (retryable), ``failed`` for any other SQLite error.
+    Both take one message."""
+
+    def __init__(self, unavailable: type[NervusError], failed: type[NervusError]) -> None:
+        self.unavailable = unavailable
+        self.failed = failed
+
+    def convert(self, exc: BaseException, path: str) -> BaseException:
+        """``exc`` as one of these errors naming the database; nervus errors unchanged."""
+        if isinstance(exc, NervusError):
+            return exc
+        if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
+            error = self.unavailable(
+                f"the SQLite database {path} stayed locked by another process beyond "
+                f"busy_timeout ({exc}); raise busy_timeout or reduce the writers"
+            )
+        elif isinstance(exc, sqlite3.Error):
+            error = self.failed(f"SQLite write to {path} failed: {exc}")
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
+
 
 _LOCKED = ("database is locked", "database table is locked", "database schema is locked")
 
@@ -82,9 +112,12 @@ class Connection:
     """A reading SQLite connection bound to one thread; ``run`` calls a function on it
     there (the writer has its own thread, see ``Writer``)."""
 
-    def __init__(self, path: str, *, name: str, synchronous: str, busy_timeout: float) -> None:
+    def __init__(
+        self, path: str, *, name: str, synchronous: str, busy_timeout: float, errors: Errors
+    ) -> None:
         self.path = path
         self.name = name
+        self._errors = errors
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._executor: ThreadPoolExecutor | None = None
@@ -103,7 +136,7 @@ class Connection:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         conn, executor = self._conn, self._executor
         if conn is None or executor is None:
-            raise TransportUnavailable(f"the SQLite connection to {self.path} is not open")
+            raise self._errors.unavailable(f"the SQLite connection to {self.path} is not open")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, fn, conn, *args)
 
@@ -187,9 +220,16 @@ class Writer:
     """
 
     def __init__(
-        self, path: str, *, synchronous: str, busy_timeout: float, on_commit: Callable[[], None]
+        self,
+        path: str,
+        *,
+        synchronous: str,
+        busy_timeout: float,
+        on_commit: Callable[[], None],
+        errors: Errors,
     ) -> None:
         self.path = path
+        self._errors = errors
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._on_commit = on_commit
@@ -232,7 +272,7 @@ class Writer:
         cannot. Losing a position means a redelivery, which at-least-once allows.
         """
         if not self.running:
-            raise TransportUnavailable(f"the SQLite writer of {self.path} is not running")
+            raise self._errors.unavailable(f"the SQLite writer of {self.path} is not running")
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._queue.append((op, fut))
@@ -299,7 +339,7 @@ class Writer:
         results: list[object] | BaseException,
     ) -> None:
         if isinstance(results, BaseException):
-            error = _as_transport_error(results, self.path)
+            error = self._errors.convert(results, self.path)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(error)
@@ -310,7 +350,7 @@ class Writer:
             if fut.done():
                 continue  # the caller gave up waiting; the write stands
             if isinstance(result, _Failed):
-                fut.set_exception(_as_transport_error(result.error, self.path))
+                fut.set_exception(self._errors.convert(result.error, self.path))
             else:
                 fut.set_result(result)
 
@@ -322,19 +362,3 @@ def _resolve(fut: asyncio.Future[None] | None, error: BaseException | None) -> N
         fut.set_result(None)
     else:
         fut.set_exception(error)
-
-
-def _as_transport_error(exc: BaseException, path: str) -> BaseException:
-    if isinstance(exc, TransportError):
-        return exc
-    if isinstance(exc, sqlite3.OperationalError) and is_busy(exc):
-        error: TransportError = TransportUnavailable(
-            f"the SQLite database {path} stayed locked by another process beyond busy_timeout "
-            f"({exc}); raise busy_timeout or reduce the writers"
-        )
-    elif isinstance(exc, sqlite3.Error):
-        error = TransportError(f"SQLite write to {path} failed: {exc}")
-    else:
-        return exc
-    error.__cause__ = exc
-    return error

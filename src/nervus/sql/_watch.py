@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger("nervus.transports.sqlite")
+log = logging.getLogger("nervus.sql")
 
 
 class ChangeWatcher:
@@ -81,3 +81,58 @@ class ChangeWatcher:
 
 def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+class Changes:
+    """Wakes waiters of one process when the database may have changed: at once after
+    a commit of this process (``notify``), within ``poll_interval`` after another
+    process's (through a ``ChangeWatcher`` that runs only while someone waits)."""
+
+    def __init__(self, path: str, *, poll_interval: float, busy_timeout: float) -> None:
+        self._path = path
+        self._poll_interval = poll_interval
+        self._busy_timeout = busy_timeout
+        self.version = 0  # moves on every change signalled
+        self._change: asyncio.Future[None] | None = None
+        self._watcher: ChangeWatcher | None = None
+        self._waiters = 0
+        self._closed = False
+
+    def notify(self) -> None:
+        """Something may have changed: waiters look again."""
+        self.version += 1
+        change, self._change = self._change, None
+        if change is not None and not change.done():
+            change.set_result(None)
+
+    async def wait(self, seen: int, longest: float) -> None:
+        """Wait up to ``longest`` s, unless a change was signalled since ``version``
+        was ``seen``."""
+        if self.version != seen or self._closed:
+            return
+        if self._change is None:
+            self._change = asyncio.get_running_loop().create_future()
+        change = self._change
+        if self._watcher is None:
+            self._watcher = ChangeWatcher(
+                self._path,
+                self._poll_interval,
+                self._busy_timeout,
+                asyncio.get_running_loop(),
+                self.notify,
+            )
+        self._waiters += 1
+        self._watcher.activate()
+        try:
+            await asyncio.wait([change], timeout=longest)
+        finally:
+            self._waiters -= 1
+            if not self._waiters:
+                self._watcher.deactivate()
+
+    def close(self) -> None:
+        """Stop watching and release every waiter."""
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
+        self.notify()
