@@ -9,10 +9,12 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.aio.msg import Msg
 
 from nervus.errors import ConfigurationError, TransportUnavailable
 from nervus.transports import Delivery, OutgoingMessage, Subscription, from_url
 from nervus.transports.nats import NatsSettings, NatsTransport
+from nervus.transports.nats._subscription import NatsSubscription
 
 
 async def delete_namespace(url: str, namespace: str) -> None:
@@ -239,6 +241,37 @@ async def test_nack_delay_is_kept_by_the_server_for_the_next_member(
         assert again.attempt == 2
         assert again.offset == d.offset
         await second.close()
+
+
+# -- consuming -----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.nats
+async def test_a_pull_request_that_ends_without_a_status_is_asked_again(
+    transport: NatsTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server may end an expired pull request without its 408 status (when a
+    message comes in after the expiry, before its expiry timer runs). Here every
+    status is lost: a fetch must still ask again once the request expired, rather
+    than leave the partition unread while messages wait."""
+    original = NatsSubscription._on_message
+
+    async def statuses_lost(self: NatsSubscription, msg: Msg) -> None:
+        if msg.reply:  # a message; statuses have no reply subject
+            await original(self, msg)
+
+    monkeypatch.setattr(NatsSubscription, "_on_message", statuses_lost)
+    await transport.ensure_channel("quiet", 1)
+    sub = await transport.subscribe(["quiet"], "listener")
+    try:
+        assert await sub.fetch(10, 0.3) == []  # its pull request expires unanswered
+        await transport.publish("quiet", [cloudevent(1)])
+        got = await sub.fetch(10, 0.8)
+        assert [d.body for d in got] == [b'{"n": 1}']
+        await sub.ack(got)
+    finally:
+        await sub.close()
 
 
 # -- settings and errors ---------------------------------------------------------------

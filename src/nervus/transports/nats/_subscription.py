@@ -5,6 +5,9 @@ partition. Pull requests go out only for what a fetch may return: at most
 ``max_messages`` (and ``max_in_flight``) minus what was already requested or
 received, at most one request per partition at a time, expiring with the fetch's
 timeout (capped at half a second); every answer comes to one inbox of the member.
+A request is over when its batch has come, when the server's status says so, or
+shortly after its expiry even without a status (the server may end an expired
+request silently), so no partition stays unread while a fetch waits.
 
 Settling: the consumers acknowledge explicitly, message by message. An ack is a
 fire-and-forget protocol message pipelined on the connection (no round trip); a nack
@@ -65,6 +68,14 @@ log = logging.getLogger("nervus.transports.nats")
 
 _LONGEST_PULL = 0.5  # seconds a pull request may wait on the server
 _EXPIRY_GRACE = 1.0  # after this past its expiry, a request that never answered is over
+_PULL_AGAIN = 0.02
+"""After this past its expiry, a pull request that never answered is taken as over
+and its partition asked again. The server usually answers an expired request with a
+408 status, but it drops one silently when a message comes in after the expiry and
+before its expiry timer ran: waiting for the status would leave the partition
+unread, messages piling up, until the grace above. Asking again while the old
+request is in fact still open only lets the server send the rest of that request
+as well: it stays bounded by the consumer's ``max_ack_pending``."""
 _BLOCKED = 0.5  # pause of a partition whose consumer answered with an error
 _ACK = b"+ACK"
 _NAK = b"-NAK"
@@ -269,13 +280,22 @@ class NatsSubscription(Subscription):
             await self._pull(max_messages, deadline)
             if self._buffer:
                 continue
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return []
+            # Wake when a message or status comes, else when an open request may
+            # have ended without a status (see _PULL_AGAIN), to ask again.
+            wait = min(remaining, self._settings.check_interval * 5, self._next_pull_over() - now)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, self._settings.check_interval * 5)):
+                async with asyncio.timeout(max(wait, 0.001)):
                     await self._arrived.wait()
             self._check()
+
+    def _next_pull_over(self) -> float:
+        """When the first open pull request is taken as over without a status."""
+        ends = [o.pull.expires for o in self._owned.values() if o.pull is not None]
+        return min(ends) + _PULL_AGAIN if ends else math.inf
 
     def _lease_valid(self) -> bool:
         # Not renewed within a lease: another member may own these partitions now,
@@ -332,7 +352,7 @@ class NatsSubscription(Subscription):
         idle: list[OwnedPartition] = []
         for o in owned:
             pull = o.pull
-            if pull is not None and pull.expires + _EXPIRY_GRACE < now:
+            if pull is not None and pull.expires + _PULL_AGAIN <= now:
                 self._by_token.pop(pull.token, None)
                 o.pull = pull = None
             if pull is not None:
