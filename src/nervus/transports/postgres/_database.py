@@ -22,10 +22,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import msgspec
 import psycopg
 from psycopg import AsyncConnection
-from psycopg.types.json import set_json_loads
 
 from nervus.errors import TransportError, TransportUnavailable
 
@@ -36,13 +34,10 @@ log = logging.getLogger("nervus.transports.postgres")
 
 
 async def open_connection(conninfo: str, *, timeout: float) -> AsyncConnection[Any]:
-    """An autocommit connection decoding ``jsonb`` with msgspec (explicit transactions
-    with ``conn.transaction()``)."""
-    conn = await AsyncConnection.connect(
+    """An autocommit connection (explicit transactions with ``conn.transaction()``)."""
+    return await AsyncConnection.connect(
         conninfo, autocommit=True, connect_timeout=max(int(timeout), 1)
     )
-    set_json_loads(msgspec.json.decode, conn)
-    return conn
 
 
 def as_transport_error(exc: BaseException, where: str) -> BaseException:
@@ -182,8 +177,8 @@ class Connection:
 
 
 class Publisher:
-    """Group commit: runs ``append(conn, rows)`` over the rows of every publish queued
-    while the previous transaction ran, in one transaction.
+    """Group commit: runs ``append(conn, publishes)`` over every publish queued while
+    the previous transaction ran, in one transaction.
 
     If that transaction fails for a reason other than the connection, each publish
     of the group is tried again alone, so one bad message fails only its own
@@ -199,13 +194,14 @@ class Publisher:
         self._conn = conn
         self._append = append
         self._on_commit = on_commit
-        self._queue: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._queue: list[tuple[Any, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self.transactions = 0  # committed so far; shows how well publishes coalesce
 
-    async def submit(self, rows: list[Any]) -> None:
+    async def submit(self, publish: Any) -> None:
+        """Write ``publish`` (what ``append`` takes a list of); return once committed."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((rows, fut))
+        self._queue.append((publish, fut))
         if self._task is None:
             self._task = asyncio.create_task(self._run())
         await asyncio.shield(fut)
@@ -218,20 +214,20 @@ class Publisher:
                 await asyncio.shield(task)
 
     async def _run(self) -> None:
-        batch: list[tuple[list[Any], asyncio.Future[None]]] = []
+        batch: list[tuple[Any, asyncio.Future[None]]] = []
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    await self._write([row for rows, _ in batch for row in rows])
+                    await self._write([publish for publish, _ in batch])
                 except Exception as exc:
                     if len(batch) == 1 or isinstance(exc, TransportUnavailable):
                         for _, fut in batch:
                             _fail(fut, exc)
                         continue
-                    for rows, fut in batch:
+                    for publish, fut in batch:
                         try:
-                            await self._write(rows)
+                            await self._write([publish])
                         except Exception as alone:
                             _fail(fut, alone)
                         else:
@@ -252,9 +248,9 @@ class Publisher:
         finally:
             self._task = None
 
-    async def _write(self, rows: list[Any]) -> None:
+    async def _write(self, publishes: list[Any]) -> None:
         async with self._conn.use() as conn:
-            await self._append(conn, rows)
+            await self._append(conn, publishes)
         self.transactions += 1
         self._on_commit()
 

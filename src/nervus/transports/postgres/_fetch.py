@@ -74,7 +74,17 @@ async def poll(
                 full = True
                 break
             out.append(
-                Delivery(o.channel, part, off, key, headers, body, attempt, ts, RetryHandle(cid))
+                Delivery(
+                    o.channel,
+                    part,
+                    off,
+                    key,
+                    _log.decode_headers(headers),
+                    body,
+                    attempt,
+                    ts,
+                    RetryHandle(cid),
+                )
             )
         if full:
             retry_in = 0.0
@@ -96,7 +106,7 @@ async def poll(
     ready.sort(key=lambda r: r[0])
     ranges: list[tuple[int, int, int, int]] = []
     left = len(ready)
-    by_pair: dict[tuple[int, int], OwnedPartition] = {}
+    by_range: list[OwnedPartition] = []
     for available, o in ready:
         if remaining <= 0:
             break
@@ -104,16 +114,19 @@ async def poll(
         left -= 1
         remaining -= share
         ranges.append((o.cid, o.part, o.cursor, share))
-        by_pair[(o.cid, o.part)] = o
+        by_range.append(o)
     rows = await _log.read(conn, schema, ranges)
-    current: tuple[int, int] | None = None
+    decode = _log.decode_headers
+    current = 0
     batch: list[Delivery] = []
     owner = owned[0]
-    for cid, part, off, ts, key, headers, body in rows:
-        if (cid, part) != current:
-            current = (cid, part)
-            owner = by_pair[current]
+    channel = owner.channel
+    for i, off, ts, key, headers, body in rows:
+        if i != current:
+            current = i
+            owner = by_range[i - 1]
+            channel = owner.channel
             batch = []
             batches.append((owner, batch))
-        batch.append(Delivery(owner.channel, part, off, key, headers, body, 1, ts, owner))
+        batch.append(Delivery(channel, owner.part, off, key, decode(headers), body, 1, ts, owner))
     return PollResult(out, batches, retry_in)

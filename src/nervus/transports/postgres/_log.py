@@ -13,18 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
+from zlib import crc32
 
 import msgspec
 from psycopg import AsyncConnection
 
+from nervus.transports._contract import OutgoingMessage
 from nervus.transports.postgres._schema import qualify
 
 encode_headers = msgspec.json.Encoder().encode
 
-# (channel id, partition, key, headers as JSON text, body) of one message to append
-Pending = tuple[int, int, str | None, str, bytes]
-# (channel id, partition, offset, timestamp, key, headers, body) of one stored message
-Stored = tuple[int, int, int, float, str | None, dict[str, str], bytes]
+decode_headers = msgspec.json.Decoder().decode
+
+# (number of the range read, offset, timestamp, key, headers as JSON, body) of a message read
+Stored = tuple[int, int, float, str | None, bytes, bytes]
 
 
 @lru_cache(maxsize=256)
@@ -65,56 +67,110 @@ async def ensure_channel(
 
 _APPEND = """
 WITH locked AS MATERIALIZED (
-    SELECT p.chan, p.part FROM {s}.partitions AS p
-    JOIN unnest(%s::integer[], %s::integer[]) AS t (chan, part) USING (chan, part)
+    SELECT p.chan, p.part, t.n FROM {s}.partitions AS p
+    JOIN unnest(%b::integer[], %b::integer[], %b::integer[]) AS t (chan, part, n)
+    USING (chan, part)
     ORDER BY p.chan, p.part FOR UPDATE OF p
-), m AS (
-    SELECT * FROM unnest(%s::integer[], %s::integer[], %s::text[], %s::text[], %b::bytea[])
-    WITH ORDINALITY AS m (chan, part, key, headers, body, i)
-), counts AS (
-    SELECT chan, part, count(*) AS n FROM m GROUP BY chan, part
 ), heads AS (
     UPDATE {s}.partitions AS p
-    SET head = p.head + counts.n, last_ts = greatest(p.last_ts, clock_timestamp())
-    FROM locked JOIN counts USING (chan, part)
+    SET head = p.head + locked.n, last_ts = greatest(p.last_ts, clock_timestamp())
+    FROM locked
     WHERE p.chan = locked.chan AND p.part = locked.part
-    RETURNING p.chan, p.part, p.head - counts.n AS first, p.last_ts AS ts
+    RETURNING p.chan, p.part, p.head - locked.n AS first, p.last_ts AS ts
 ), appended AS (
     INSERT INTO {s}.log (chan, part, off, ts, key, headers, body)
-    SELECT m.chan, m.part,
-           heads.first + row_number() OVER (PARTITION BY m.chan, m.part ORDER BY m.i) - 1,
-           heads.ts, m.key, m.headers::jsonb, m.body
-    FROM m JOIN heads USING (chan, part)
-    RETURNING chan
+    SELECT m.chan, m.part, heads.first + m.rank, heads.ts, m.key, m.headers, m.body
+    FROM unnest(%b::integer[], %b::integer[], %b::integer[], %b::text[], %b::bytea[], %b::bytea[])
+         AS m (chan, part, rank, key, headers, body)
+    JOIN heads USING (chan, part)
 )
-SELECT pg_notify(%s, 'c:' || chan) FROM (SELECT DISTINCT chan FROM appended) AS c
+SELECT pg_notify(%s, 'c:' || chan) FROM (SELECT DISTINCT chan FROM heads) AS c
 """
 
 
+class Pending:
+    """The messages of one publish to one channel, by column: the partition, key,
+    headers (JSON) and body of each, in publish order."""
+
+    __slots__ = ("bodies", "cid", "headers", "keys", "parts")
+
+    def __init__(
+        self,
+        cid: int,
+        parts: list[int],
+        keys: list[str | None],
+        headers: list[bytes],
+        bodies: list[bytes],
+    ) -> None:
+        self.cid = cid
+        self.parts = parts
+        self.keys = keys
+        self.headers = headers
+        self.bodies = bodies
+
+
+def pending(
+    cid: int, partitions: int, counter: int, messages: Sequence[OutgoingMessage]
+) -> Pending:
+    """``messages`` to append to channel ``cid`` of ``partitions`` partitions: each at
+    ``partition_for`` its key (inlined: this runs for every message published), the
+    keyless ones round-robin from ``counter``."""
+    keys = [m.key for m in messages]
+    parts = [
+        i % partitions if key is None else crc32(key.encode()) % partitions
+        for i, key in enumerate(keys, counter)
+    ]
+    return Pending(
+        cid, parts, keys, [encode_headers(m.headers) for m in messages], [m.body for m in messages]
+    )
+
+
 async def append(
-    conn: AsyncConnection[Any], schema: str, notify_channel: str, messages: Sequence[Pending]
+    conn: AsyncConnection[Any], schema: str, notify_channel: str, publishes: Sequence[Pending]
 ) -> None:
-    """Append messages in order, each at the next offset of its partition, and notify
-    the consumers of every channel written: one statement, so one round trip and
-    (on an autocommit connection) one transaction.
+    """Append the messages of ``publishes`` in order, each at the next offset of its
+    partition, and notify the consumers of every channel written: one statement, so
+    one round trip and (on an autocommit connection) one transaction.
 
     ``locked`` takes the partition rows in (channel, partition) order before the
     update can touch them: the update only reaches rows ``locked`` returned, and
-    the primary key of ``log`` refuses any offset given twice.
+    the primary key of ``log`` refuses any offset given twice. A message's offset is
+    its partition's head plus its ``rank`` among this statement's messages of that
+    partition, counted here. Every parameter goes in binary: no quoting or parsing
+    of array literals on either side.
     """
-    chans = [m[0] for m in messages]
-    parts = [m[1] for m in messages]
-    touched = sorted(set(zip(chans, parts, strict=True)))
+    if len(publishes) == 1:
+        only = publishes[0]
+        chans = [only.cid] * len(only.parts)
+        parts, keys, headers, bodies = only.parts, only.keys, only.headers, only.bodies
+    else:
+        chans, parts, keys, headers, bodies = [], [], [], [], []
+        for p in publishes:
+            chans += [p.cid] * len(p.parts)
+            parts += p.parts
+            keys += p.keys
+            headers += p.headers
+            bodies += p.bodies
+    counts: dict[tuple[int, int], int] = {}
+    ranks: list[int] = []
+    rank = ranks.append
+    for pair in zip(chans, parts, strict=True):
+        n = counts.get(pair, 0)
+        counts[pair] = n + 1
+        rank(n)
+    touched = sorted(counts)
     await conn.execute(
         sql(_APPEND, schema),
         (
             [c for c, _ in touched],
             [p for _, p in touched],
+            [counts[t] for t in touched],
             chans,
             parts,
-            [m[2] for m in messages],
-            [m[3] for m in messages],
-            [m[4] for m in messages],
+            ranks,
+            keys,
+            headers,
+            bodies,
             notify_channel,
         ),
     )
@@ -135,8 +191,8 @@ async def heads(
 
 
 _READ = """
-SELECT r.chan, r.part, l.off, extract(epoch FROM l.ts)::float8, l.key, l.headers, l.body
-FROM unnest(%s::integer[], %s::integer[], %s::bigint[], %s::integer[])
+SELECT r.i, l.off, extract(epoch FROM l.ts)::float8, l.key, l.headers, l.body
+FROM unnest(%b::integer[], %b::integer[], %b::bigint[], %b::integer[])
      WITH ORDINALITY AS r (chan, part, start, n, i)
 CROSS JOIN LATERAL (
     SELECT off, ts, key, headers, body FROM {s}.log
@@ -150,7 +206,8 @@ async def read(
     conn: AsyncConnection[Any], schema: str, ranges: Sequence[tuple[int, int, int, int]]
 ) -> list[Stored]:
     """Messages of several partitions in one query: for each ``(channel id, partition,
-    first offset, count)`` up to ``count`` messages from ``first offset``, in order."""
+    first offset, count)`` up to ``count`` messages from ``first offset``, in order,
+    each row starting with the number of its range (from 1)."""
     cur = conn.cursor(binary=True)
     await cur.execute(
         sql(_READ, schema),

@@ -6,6 +6,10 @@ row's lock by the transaction that inserts the messages, so writers of one
 partition take turns and commit in offset order: a reader that saw offset N never
 later finds a smaller one committed. Timestamps (the server's clock) never
 decrease within a partition (``last_ts``), so a time maps to an offset by bisection.
+A message's headers are its JSON object in ``bytea`` (what msgspec encodes and
+decodes as is; ``convert_from(headers, 'UTF8')::jsonb`` reads them in SQL): storing
+``jsonb`` made the server parse every message's headers on insert and print them
+on every read.
 
 Consumer groups live in ``groups`` (a generation bumped on every membership change,
 its row locked by each renewal so renewals of one group take turns), ``members``
@@ -21,7 +25,7 @@ from psycopg import AsyncConnection
 
 from nervus.errors import TransportError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -48,7 +52,7 @@ CREATE TABLE IF NOT EXISTS {s}.log (
     off bigint NOT NULL,
     ts timestamptz NOT NULL,
     key text,
-    headers jsonb NOT NULL,
+    headers bytea NOT NULL,
     body bytea NOT NULL,
     PRIMARY KEY (chan, part, off)
 );

@@ -31,7 +31,6 @@ from nervus.transports._contract import (
     Subscription,
     Transport,
     ensure_open,
-    partition_for,
 )
 from nervus.transports.postgres import _log, _membership
 from nervus.transports.postgres._database import (
@@ -198,24 +197,14 @@ class PostgresTransport(Transport):
         cid, count = await self._channel(channel)
         counter = self._round_robin.get(channel, 0)
         self._round_robin[channel] = counter + len(messages)
-        encode = _log.encode_headers
-        rows: list[_log.Pending] = [
-            (
-                cid,
-                partition_for(m.key, count, counter + i),
-                m.key,
-                encode(m.headers).decode(),
-                m.body,
-            )
-            for i, m in enumerate(messages)
-        ]
+        rows = _log.pending(cid, count, counter, messages)
         try:
             await self._publisher.submit(rows)
         except TransportError as exc:
             raise type(exc)(str(exc), channel=channel) from exc.__cause__
 
-    async def _append(self, conn: AsyncConnection[Any], rows: list[_log.Pending]) -> None:
-        await _log.append(conn, self.settings.schema, self.settings.notify_channel, rows)
+    async def _append(self, conn: AsyncConnection[Any], publishes: list[_log.Pending]) -> None:
+        await _log.append(conn, self.settings.schema, self.settings.notify_channel, publishes)
 
     # -- consuming --------------------------------------------------------------
 
