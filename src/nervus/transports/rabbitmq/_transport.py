@@ -41,8 +41,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
 from nervus.transports._contract import (
@@ -57,6 +58,7 @@ from nervus.transports._contract import (
 from nervus.transports._urls import parse_options
 from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._outage import Outage, alive
+from nervus.transports.rabbitmq._publisher import Publisher, confirmed
 from nervus.transports.rabbitmq._settings import RabbitSettings, redact
 from nervus.transports.rabbitmq._subscription import RabbitSubscription
 
@@ -97,10 +99,10 @@ class RabbitTransport(Transport):
         self.settings = settings
         self.where = redact(settings.amqp_url)
         self._connection: AbstractConnection | None = None
-        self._publisher: AbstractChannel | None = None
+        self._publisher: Publisher | None = None
         self._admin: AbstractChannel | None = None
         self._admin_lock = asyncio.Lock()
-        self._exchanges: dict[str, tuple[AbstractExchange, int]] = {}
+        self._exchanges: dict[str, tuple[bytes, int]] = {}
         self._group_channels: set[tuple[str, str]] = set()
         self._delay_queues: dict[str, float] = {}
         self._round_robin: dict[str, int] = {}
@@ -152,7 +154,7 @@ class RabbitTransport(Transport):
         try:
             # a broker still starting may accept connections long before channels
             async with asyncio.timeout(self.settings.connect_timeout):
-                publisher = await connection.channel(publisher_confirms=True)
+                publisher = await self._open_publisher(connection)
                 admin = await connection.channel(publisher_confirms=True)
         except Exception as exc:
             with contextlib.suppress(Exception):
@@ -161,8 +163,6 @@ class RabbitTransport(Transport):
                 f"cannot open a channel on RabbitMQ at {self.where} within "
                 f"{self.settings.connect_timeout}s (connect_timeout): {type(exc).__name__}: {exc}"
             ) from exc
-        # Exchange objects belong to the channel that fetched them.
-        self._exchanges.clear()
         old, self._connection = self._connection, connection
         self._publisher, self._admin = publisher, admin
         connection.close_callbacks.add(self._on_close)
@@ -216,14 +216,21 @@ class RabbitTransport(Transport):
             if self._publisher is not None and not self._publisher.is_closed:
                 return
             try:
-                publisher = await connection.channel(publisher_confirms=True)
+                publisher = await self._open_publisher(connection)
             except Exception as exc:
                 self._unavailable(exc, "opening a channel")
                 raise TransportError(
                     f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
                 ) from exc
-            self._exchanges.clear()
             self._publisher = publisher
+
+    @staticmethod
+    async def _open_publisher(connection: AbstractConnection) -> Publisher:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay = await channel.get_underlay_channel()
+        if not isinstance(underlay, aiormq.Channel):
+            raise TypeError(f"expected an aiormq channel, got {type(underlay).__name__}")
+        return Publisher(underlay, channel)
 
     def _unavailable(self, exc: BaseException, doing: str, channel: str | None = None) -> None:
         """Raise ``TransportUnavailable`` for ``exc`` if it means the connection dropped."""
@@ -280,9 +287,9 @@ class RabbitTransport(Transport):
         await self._live()
         return (await self._channel(channel, partitions))[1]
 
-    async def _channel(
-        self, channel: str, partitions: int | None = None
-    ) -> tuple[AbstractExchange, int]:
+    async def _channel(self, channel: str, partitions: int | None = None) -> tuple[bytes, int]:
+        """The channel's publish target (see ``Publisher.target``) and partition count,
+        declared on first use."""
         known = self._exchanges.get(channel)
         if known is not None:
             return known
@@ -308,11 +315,9 @@ class RabbitTransport(Transport):
                     f"{type(exc).__name__}: {exc}",
                     channel=channel,
                 ) from exc
-            publisher = self._publisher
-            assert publisher is not None
-            exchange = await publisher.get_exchange(_names.exchange(channel), ensure=False)
-            self._exchanges[channel] = (exchange, count)
-            return exchange, count
+            target = Publisher.target(_names.exchange(channel))
+            self._exchanges[channel] = (target, count)
+            return target, count
 
     async def _declare_channel(self, channel: str, partitions: int) -> int:
         # Declarations that may fail run on a channel of their own: a failed
@@ -369,37 +374,43 @@ class RabbitTransport(Transport):
         await self._live()
         if not messages:
             return
-        exchange, count = await self._channel(channel)
+        target, count = await self._channel(channel)
+        publisher = self._publisher
+        assert publisher is not None
         counter = self._round_robin.get(channel, 0)
         self._round_robin[channel] = counter + len(messages)
         now = int(time.time() * 1000)
-        persistent = aio_pika.DeliveryMode.PERSISTENT
-        sends = []
-        for i, m in enumerate(messages):
-            headers: dict[str, Any] = dict(m.headers)
-            headers[_names.PUBLISHED_MS] = now
-            message = aio_pika.Message(
-                m.body,
-                headers=headers,
-                delivery_mode=persistent,
-                message_id=m.headers.get("ce_id"),
-                content_type=m.headers.get("content-type"),
-            )
-            key = _names.routing_key(partition_for(m.key, count, counter + i), m.key)
-            sends.append(exchange.publish(message, key))
+        encode = publisher.encode
+        try:
+            frames = []
+            for i, m in enumerate(messages):
+                headers: dict[str, object] = dict(m.headers)
+                headers[_names.PUBLISHED_MS] = now
+                key = _names.routing_key(partition_for(m.key, count, counter + i), m.key)
+                frames.append(
+                    encode(
+                        target,
+                        key,
+                        headers,
+                        m.body,
+                        m.headers.get("ce_id"),
+                        m.headers.get("content-type"),
+                    )
+                )
+        except ValueError as exc:
+            raise TransportError(
+                f"cannot publish to RabbitMQ at {self.where}: {exc}", channel=channel
+            ) from exc
         timeout = self.settings.publish_timeout
         try:
             async with asyncio.timeout(timeout):
-                results = await asyncio.gather(*sends, return_exceptions=True)
+                failed = await confirmed(publisher.send(frames))
         except TimeoutError as exc:
             raise TransportUnavailable(
                 f"RabbitMQ at {self.where} did not confirm {len(messages)} messages within "
                 f"{timeout}s (publish_timeout); some may have been accepted",
                 channel=channel,
             ) from exc
-        except Exception as exc:
-            raise TransportError(f"publishing to RabbitMQ at {self.where} failed: {exc}") from exc
-        failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             if self._closed:
                 ensure_open(True, f"RabbitMQ transport on {self.where}")
