@@ -21,6 +21,7 @@ from nervus.transports import Delivery, OutgoingMessage, Start, Subscription, fr
 from nervus.transports._contract import partition_for
 from nervus.transports.postgres import PostgresSettings, PostgresTransport
 from nervus.transports.postgres import _log as postgres_log
+from nervus.transports.postgres._arrays import bytea_array, int4_array, int8_array, text_array
 from nervus.transports.postgres._schema import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -253,6 +254,22 @@ async def test_existing_partition_count_wins_across_transports(
 
 
 # -- publishing and offsets ------------------------------------------------------------
+
+
+async def test_binary_array_parameters_reach_the_server_intact(postgres_url: str) -> None:
+    cases: list[tuple[Any, str, list[Any]]] = [
+        (int4_array([1, -2, 2**31 - 1, -(2**31)]), "integer", [1, -2, 2**31 - 1, -(2**31)]),
+        (int4_array([]), "integer", []),
+        (int8_array([0, -(2**63), 2**63 - 1]), "bigint", [0, -(2**63), 2**63 - 1]),
+        (text_array(["a", "é€😀", ""]), "text", ["a", "é€😀", ""]),
+        (text_array([None, "x", None]), "text", [None, "x", None]),
+        (bytea_array([b"", b"\x00\xff", b"abc"]), "bytea", [b"", b"\x00\xff", b"abc"]),
+    ]
+    async with await raw(postgres_url) as conn:
+        for value, element, expected in cases:
+            query = sql.SQL("SELECT %b::{}[]").format(sql.SQL(element))
+            cur = await conn.execute(query, (value,))
+            assert await cur.fetchone() == (expected,)
 
 
 async def test_offsets_are_dense_per_partition_and_keys_stay_put(

@@ -34,9 +34,10 @@ log = logging.getLogger("nervus.transports.postgres")
 
 
 async def open_connection(conninfo: str, *, timeout: float) -> AsyncConnection[Any]:
-    """An autocommit connection (explicit transactions with ``conn.transaction()``)."""
+    """An autocommit connection (explicit transactions with ``conn.transaction()``)
+    exchanging text in UTF-8, as the binary arrays of ``_arrays`` are built."""
     return await AsyncConnection.connect(
-        conninfo, autocommit=True, connect_timeout=max(int(timeout), 1)
+        conninfo, autocommit=True, connect_timeout=max(int(timeout), 1), client_encoding="utf8"
     )
 
 

@@ -19,6 +19,7 @@ import msgspec
 from psycopg import AsyncConnection
 
 from nervus.transports._contract import OutgoingMessage
+from nervus.transports.postgres._arrays import bytea_array, int4_array, text_array
 from nervus.transports.postgres._schema import qualify
 
 encode_headers = msgspec.json.Encoder().encode
@@ -136,8 +137,8 @@ async def append(
     update can touch them: the update only reaches rows ``locked`` returned, and
     the primary key of ``log`` refuses any offset given twice. A message's offset is
     its partition's head plus its ``rank`` among this statement's messages of that
-    partition, counted here. Every parameter goes in binary: no quoting or parsing
-    of array literals on either side.
+    partition, counted here. The arrays go in binary, built by ``_arrays``: no
+    quoting or parsing of array literals on either side.
     """
     if len(publishes) == 1:
         only = publishes[0]
@@ -162,15 +163,15 @@ async def append(
     await conn.execute(
         sql(_APPEND, schema),
         (
-            [c for c, _ in touched],
-            [p for _, p in touched],
-            [counts[t] for t in touched],
-            chans,
-            parts,
-            ranks,
-            keys,
-            headers,
-            bodies,
+            int4_array([c for c, _ in touched]),
+            int4_array([p for _, p in touched]),
+            int4_array([counts[t] for t in touched]),
+            int4_array(chans),
+            int4_array(parts),
+            int4_array(ranks),
+            text_array(keys),
+            bytea_array(headers),
+            bytea_array(bodies),
             notify_channel,
         ),
     )
