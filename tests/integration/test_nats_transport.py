@@ -12,7 +12,14 @@ import pytest
 from nats.aio.msg import Msg
 
 from nervus.errors import ConfigurationError, TransportUnavailable
-from nervus.transports import Delivery, OutgoingMessage, Subscription, from_url
+from nervus.transports import (
+    DeadLetterReason,
+    Delivery,
+    OutgoingMessage,
+    Subscription,
+    dead_letter_channel,
+    from_url,
+)
 from nervus.transports.nats import NatsSettings, NatsTransport
 from nervus.transports.nats._subscription import NatsSubscription
 
@@ -181,6 +188,93 @@ async def test_nervus_consumes_what_a_plain_client_publishes(
     assert d.headers == headers
     assert d.attempt == 1
     assert abs(d.timestamp - time.time()) < 60
+
+
+@pytest.mark.integration
+@pytest.mark.nats
+async def test_a_dead_letter_keeps_its_traceback_and_header_values_arrive_unchanged(
+    transport: NatsTransport, nats_url: str, namespace: str
+) -> None:
+    import nats
+
+    tricky = {
+        "note": "two\r\nlines\nand a third",
+        "padded": "  spaces and a tab at both ends\t",
+        "percent": "100%0A of it, literally",
+        "mixed": "50%\noff",
+        "blank": "   ",
+        "empty": "",
+        "wide": "\u2028caf\u00e9\u00a0",
+    }
+    message = cloudevent(1, key="line\nkey")
+    message.headers.update(tricky)
+    await transport.publish("letters", [message])
+    sub = await transport.subscribe(["letters"], "sorter")
+    [d] = await fetch_all(sub, 1)
+    assert d.headers == {**message.headers, "ce_partitionkey": "line\nkey"}
+    assert d.key == "line\nkey"
+
+    fetched = await transport.subscribe(["letters"], "mailer")
+    taken: list[Delivery] = []
+    async with asyncio.timeout(10):
+        while not taken:
+            taken = list(await fetched.fetch(1, 0.2))
+    [failing] = taken
+    trace = (
+        "Traceback (most recent call last):\n"
+        '  File "shop/mailer.py", line 12, in on_order\n'
+        "    raise ValueError(reason)\n"
+        "ValueError: no address\n"
+    )
+    reason = DeadLetterReason(
+        reason="handler-failed",
+        message="no address\nfor customer 7",
+        error_type="ValueError",
+        traceback=trace,
+        attempts=3,
+    )
+    await fetched.dead_letter(failing, reason)
+    await fetched.close()
+    dlq = await transport.subscribe([dead_letter_channel("letters", "mailer")], "audit")
+    [dead] = await fetch_all(dlq, 1)
+    await dlq.close()
+    await sub.close()
+    assert dead.headers["nervus_dlq_traceback"] == trace
+    assert dead.headers["nervus_dlq_message"] == "no address\nfor customer 7"
+    assert {k: dead.headers[k] for k in tricky} == tricky
+    assert "nervus_encoded" not in dead.headers
+
+    # A plain client sees the values percent-encoded and named; nervus leaves the
+    # values of a plain client's message (no such list) as they are.
+    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        psub = await js.pull_subscribe(
+            f"{namespace}.letters.*", durable=None, stream=f"{namespace}_letters"
+        )
+        [raw] = await psub.fetch(1, timeout=5)
+        await raw.ack()
+        assert raw.headers is not None
+        assert raw.headers["note"] == "two%0D%0Alines%0Aand a third"
+        assert raw.headers["percent"] == "100%0A of it, literally", "left as it was"
+        assert raw.headers["mixed"] == "50%25%0Aoff"
+        assert raw.headers["empty"] == ""
+        assert set(raw.headers["nervus_encoded"].split(",")) == {
+            "note",
+            "padded",
+            "mixed",
+            "blank",
+            "wide",
+            "ce_partitionkey",
+        }
+        plain = {**cloudevent(2).headers, "percent": "100%0A"}
+        await js.publish(f"{namespace}.letters.0", b"{}", headers=plain)
+    finally:
+        await nc.close()
+    reader = await transport.subscribe(["letters"], "sorter")
+    [from_plain] = await fetch_all(reader, 1)
+    await reader.close()
+    assert from_plain.headers == plain
 
 
 # -- publishing ----------------------------------------------------------------------

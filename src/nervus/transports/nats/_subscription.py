@@ -58,6 +58,7 @@ from nervus.transports._contract import (
     dead_letter_message,
     ensure_open,
 )
+from nervus.transports.nats._headers import KEY_HEADER, from_nats
 from nervus.transports.nats._membership import GroupStore, Pair
 from nervus.transports.nats._names import partition_subject
 
@@ -81,8 +82,6 @@ _ACK = b"+ACK"
 _NAK = b"-NAK"
 _TERM = b"+TERM"
 _PROGRESS = b"+WPI"
-_KEY_HEADER = "ce_partitionkey"
-_MSG_ID_HEADER = "Nats-Msg-Id"
 
 
 class _Pull:
@@ -323,15 +322,13 @@ class NatsSubscription(Subscription):
                 unsettled[key] = reply
                 continue
             unsettled[key] = reply
-            headers = dict(msg.headers) if msg.headers else {}
-            if headers.get(_MSG_ID_HEADER) == headers.get("ce_id"):
-                headers.pop(_MSG_ID_HEADER, None)
+            headers = from_nats(msg.headers)
             out.append(
                 Delivery(
                     handle.channel,
                     handle.part,
                     offset,
-                    headers.get(_KEY_HEADER),
+                    headers.get(KEY_HEADER),
                     headers,
                     msg.data,
                     int(delivered),

@@ -59,6 +59,7 @@ from nervus.transports._contract import (
     partition_for,
 )
 from nervus.transports._urls import parse_options
+from nervus.transports.nats._headers import to_nats
 from nervus.transports.nats._names import (
     check_channel,
     check_group,
@@ -71,15 +72,7 @@ from nervus.transports.nats._subscription import NatsSubscription
 
 log = logging.getLogger("nervus.transports.nats")
 
-KEY_HEADER = "ce_partitionkey"
-"""The header carrying a message's partition key (the CloudEvents partitioning
-extension), as NATS messages have no key of their own."""
-
 _PUBLISHES_IN_FLIGHT = 4000  # the client's bound on unacknowledged publishes
-
-MSG_ID_HEADER = "Nats-Msg-Id"
-"""JetStream drops a publish whose id it saw within ``duplicate_window``; nervus sets
-it to ``ce_id``."""
 
 
 def redact(url: str) -> str:
@@ -100,7 +93,9 @@ class NatsTransport(Transport):
     ``<namespace>.<channel>.<partition>``; a message's partition comes from its key
     (``partition_for``), which travels in the ``ce_partitionkey`` header. The other
     headers are the message's own (CloudEvents binary mode: ``ce_id``, ``ce_type`` ...),
-    plus ``Nats-Msg-Id`` set to ``ce_id`` so JetStream drops duplicate publishes.
+    plus ``Nats-Msg-Id`` set to ``ce_id`` so JetStream drops duplicate publishes;
+    values NATS would change (line breaks, white space at the ends) travel
+    percent-encoded and are decoded on delivery (see ``_headers``).
     A delivery's ``offset`` is the stream sequence (increasing per partition, not
     dense) and its ``attempt`` the server's delivery count.
 
@@ -428,13 +423,8 @@ class NatsTransport(Transport):
             futures: list[asyncio.Future[api.PubAck]] = []
             try:
                 for i, m in enumerate(messages):
-                    headers = dict(m.headers)
-                    if m.key is not None:
-                        headers[KEY_HEADER] = m.key
-                    ce_id = headers.get("ce_id")
-                    if ce_id:
-                        headers[MSG_ID_HEADER] = ce_id
                     subject = subjects[partition_for(m.key, count, counter + i)]
+                    headers = to_nats(m.key, m.headers)
                     futures.append(await js.publish_async(subject, m.body, headers=headers))
                 await asyncio.gather(*futures)
             finally:
