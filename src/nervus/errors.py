@@ -11,6 +11,10 @@ a user needs to act on it::
     ├── TransportError            the broker or the embedded log failed
     │   ├── TransportUnavailable  cannot reach the broker (retryable)
     │   └── TransportClosed       the transport or subscription was closed
+    ├── StoreError                the event store failed
+    │   ├── StoreUnavailable      cannot reach the database (retryable)
+    │   ├── ConcurrencyError      a stream moved on since it was read (retryable)
+    │   └── EventIdConflict       an event id is already stored at another place
     └── HandlerError              raised by a handler (wraps the cause) in reports
 
 Ack, nack and dead-letter are calls on a subscription, never exceptions.
@@ -86,3 +90,51 @@ class HandlerError(NervusError):
         self.handler = handler
         self.event_type = event_type
         super().__init__(f"handler {handler!r} failed on {event_type!r}: {cause!r}")
+
+
+class StoreError(NervusError):
+    """The event store failed an operation."""
+
+    def __init__(self, message: str, *, stream_id: str | None = None) -> None:
+        self.stream_id = stream_id
+        where = f" (stream {stream_id!r})" if stream_id is not None else ""
+        super().__init__(f"{message}{where}")
+
+
+class StoreUnavailable(StoreError):
+    """The store's database cannot be reached or is locked; a retry later can succeed."""
+
+    retryable = True
+
+
+class ConcurrencyError(StoreError):
+    """An append expected a stream version the stream no longer has.
+
+    Someone appended to the stream since it was read: load it again, decide again
+    and append with the new version (a repository does this by itself).
+    """
+
+    retryable = True
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"expected stream version {expected}, but the stream is at version {actual}",
+            stream_id=stream_id,
+        )
+
+
+class EventIdConflict(StoreError):
+    """An appended event's id is already stored, at another stream or version.
+
+    Appending the same events again at the same place is a no-op; an id reused for
+    a different event is a bug in the caller.
+    """
+
+    def __init__(self, stream_id: str, event_id: str, stored_at: str) -> None:
+        self.event_id = event_id
+        self.stored_at = stored_at
+        super().__init__(
+            f"event id {event_id!r} is already stored at {stored_at}", stream_id=stream_id
+        )

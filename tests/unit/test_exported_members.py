@@ -73,7 +73,19 @@ PUBLIC = {
         "Settings",
         "current_context",
     ],
-    "nervus.testing": ["Scenario", "TransportConformance"],
+    "nervus.testing": ["EventStoreConformance", "Scenario", "TransportConformance"],
+    "nervus.storage": [
+        "ANY",
+        "NO_STREAM",
+        "AppendResult",
+        "EventStore",
+        "RecordedEvent",
+        "Snapshot",
+        "store_from_url",
+        "store_schemes",
+    ],
+    "nervus.storage.sqlite": ["SqliteEventStore", "SqliteStoreSettings"],
+    "nervus.storage.postgres": ["PostgresEventStore", "PostgresStoreSettings"],
 }
 
 

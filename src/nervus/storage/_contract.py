@@ -1,0 +1,174 @@
+"""The event store contract: streams of events, one global log, snapshots, checkpoints.
+
+A store keeps **streams**: the events of one thing (an order, an account), in the
+order they were appended, each at a **version** (1, 2, 3 ... within its stream).
+Every event also has a **position** in the store's global log of all events.
+
+``append(stream_id, events, expected_version)``
+    Appends the events, all or none, at the versions after ``expected_version``:
+    ``NO_STREAM`` (0) when the stream must not exist yet, ``N`` when it must be at
+    exactly version N, ``ANY`` (None) to skip the check. A stream at another
+    version raises ``ConcurrencyError`` carrying the stream, the expected and the
+    actual version, and writes nothing. Returns the stream's new version and the
+    position of the last event appended.
+
+    Idempotent: appending events whose ids are all stored already, in this stream
+    and in this order, writes nothing and returns where they are, whatever the
+    expected version (a retried command after a lost reply). An id stored
+    elsewhere raises ``EventIdConflict``.
+
+    Appends running at the same time in one process may commit in one
+    transaction (group commit); each keeps its own check and its own result, and
+    one failing does not fail the others.
+
+Positions
+    Positive, increasing in commit order, not necessarily consecutive. A reader
+    that has seen position P has seen every event at a lower position: no event
+    becomes visible later at a position below one already visible. (This is what
+    lets a reader of the global log keep a single number as its checkpoint.)
+
+Reads
+    ``read_stream`` returns a stream's events from a version, forwards or
+    backwards; ``read_all`` returns events after a position, in position order;
+    ``subscribe`` does that in batches forever: it catches up, then waits for new
+    events (woken by the database, not by polling alone), never skipping or
+    repeating one.
+
+Snapshots and checkpoints
+    A snapshot is a stream's folded state at a version, stored beside the stream
+    (the newest replaces older ones); a checkpoint is a named global position
+    (a relay's, a projection's). Neither is an event: saving them changes no
+    stream. nervus never modifies or deletes a stored event.
+
+Every method may raise ``StoreUnavailable`` (retryable) when the database cannot
+be reached, and ``StoreError`` for other failures, naming the database.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Final, Self
+
+import msgspec
+
+from nervus.core import Envelope
+
+NO_STREAM: Final = 0
+"""Expected version of a stream that must not exist yet."""
+
+ANY: Final = None
+"""Expected version that skips the concurrency check."""
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
+    """An event as stored: where it is, and its envelope (id, type, data, ids, time)."""
+
+    stream_id: str
+    version: int
+    position: int
+    envelope: Envelope
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def type(self) -> str:
+        return self.envelope.type
+
+
+class AppendResult(msgspec.Struct, frozen=True, gc=False):
+    """Where an append left the stream: its version and the last event's position."""
+
+    stream_id: str
+    version: int
+    position: int
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """A stream's state folded up to ``version``, encoded by its owner as ``type``."""
+
+    stream_id: str
+    version: int
+    type: str
+    data: bytes
+
+
+class EventStore(ABC):
+    """Streams with optimistic concurrency, a global log, snapshots and checkpoints."""
+
+    url: str
+    """Where the store is, password hidden."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections and create the tables if needed (idempotent)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Let running appends finish, then release every connection (idempotent)."""
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def append(
+        self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
+    ) -> AppendResult:
+        """Append ``events`` after ``expected_version`` (see the module docstring)."""
+
+    @abstractmethod
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        """Events of a stream from ``from_version`` (included): forwards from 1 by
+        default, or backwards from the last version. An unknown stream is empty."""
+
+    @abstractmethod
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's last version, 0 when it has no events."""
+
+    @abstractmethod
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` events with a position above ``after``, in position order."""
+
+    @abstractmethod
+    async def head(self) -> int:
+        """The highest position visible now (0 when the store is empty)."""
+
+    @abstractmethod
+    def subscribe(self, after: int = 0, *, batch: int = 1000) -> AsyncIterator[list[RecordedEvent]]:
+        """Batches of the events after ``after``: those stored now, then new ones as
+        they commit. Ends when the store is closed."""
+
+    @abstractmethod
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as the stream's newest, unless a newer one is stored."""
+
+    @abstractmethod
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        """The stream's newest snapshot, or None."""
+
+    @abstractmethod
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        """Store ``position`` under ``name``."""
+
+    @abstractmethod
+    async def load_checkpoint(self, name: str) -> int:
+        """The position stored under ``name``, 0 when none is."""

@@ -1,0 +1,582 @@
+"""The event store on PostgreSQL, through asyncpg.
+
+No skipped events
+    Positions come from an identity column, and a sequence hands out numbers in
+    the order transactions *ask*, not the order they *commit*: with two appenders,
+    the first may commit last, and a reader that read in between saw position 2
+    but not 1, moved its checkpoint past 1 and never reads it. Here every append
+    transaction first takes one transaction-scoped advisory lock per store schema,
+    so appends commit one after another and position order is commit order: when a
+    reader sees a position, every lower one has committed (or never will).
+    Group commit keeps that lock cheap: the appends of one process that meet go in
+    one transaction, each with its own version check.
+
+Versions
+    Under the lock, the stream's current version is read, compared with the
+    expected one, and the events inserted at the versions after it; the unique
+    index on ``(stream_id, version)`` backs that up. The unique index on the
+    event id makes a repeated append fail the group, which then runs each append
+    alone with the idempotency check first.
+
+Subscribers
+    An append's transaction sends ``NOTIFY`` on the schema's channel (delivered at
+    commit); subscribers ``LISTEN`` on a connection of their own and look again
+    when notified, or every ``poll_interval`` when the notification connection is
+    down.
+
+Why asyncpg
+    Measured on the same server, in the same run: reading 100,000 events in order
+    and decoding them, asyncpg 120,000-190,000 events/s against psycopg 3's
+    37,000-73,000; single-event appends cost about 850 µs of client CPU with
+    asyncpg against 1,150 µs with psycopg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+
+from nervus.core import Envelope
+from nervus.core._urls import redact
+from nervus.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    EventIdConflict,
+    StoreError,
+    StoreUnavailable,
+)
+from nervus.sql._batch import GroupCommit
+from nervus.storage._contract import AppendResult, EventStore, RecordedEvent, Snapshot
+from nervus.storage.postgres._settings import PostgresStoreSettings, split_store_url
+
+log = logging.getLogger("nervus.storage.postgres")
+
+_COLUMNS = (
+    "position, stream_id, version, id, type, source, time, subject, content_type, "
+    "dataschema, correlation_id, causation_id, traceparent, tracestate, data"
+)
+
+_DDL = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.events (
+    position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    stream_id text NOT NULL,
+    version integer NOT NULL,
+    id text NOT NULL,
+    type text NOT NULL,
+    source text NOT NULL,
+    time text NOT NULL,
+    subject text,
+    content_type text NOT NULL,
+    dataschema text,
+    correlation_id text,
+    causation_id text,
+    traceparent text,
+    tracestate text,
+    data bytea NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON {s}.events (stream_id, version);
+CREATE UNIQUE INDEX IF NOT EXISTS events_id ON {s}.events (id);
+CREATE TABLE IF NOT EXISTS {s}.snapshots (
+    stream_id text PRIMARY KEY,
+    version integer NOT NULL,
+    type text NOT NULL,
+    data bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.checkpoints (
+    name text PRIMARY KEY,
+    position bigint NOT NULL
+);
+"""
+
+_ROW = tuple[Any, ...]
+_Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+class _Append:
+    __slots__ = ("expected", "rows", "stream_id")
+
+    def __init__(self, stream_id: str, rows: list[_ROW], expected: int | None) -> None:
+        self.stream_id = stream_id
+        self.rows = rows
+        self.expected = expected
+
+
+class PostgresEventStore(EventStore):
+    """Streams, the global log, snapshots and checkpoints in one PostgreSQL schema."""
+
+    def __init__(
+        self, dsn: str, settings: PostgresStoreSettings, *, serialize_appends: bool = True
+    ) -> None:
+        problems = settings.validate()
+        if problems:
+            raise ConfigurationError(problems)
+        self.settings = settings
+        self.url = redact(dsn)
+        self._dsn = dsn
+        s = settings.schema
+        self._schema = s
+        # Turning this off gives the naive design (positions in request order, not
+        # commit order) that readers of the global log can skip events with; it
+        # exists so the test of that pitfall can show it fails there.
+        self._serialize = serialize_appends
+        digest = hashlib.blake2b(f"nervus_events.{s}".encode(), digest_size=8).digest()
+        self._lock_key = int.from_bytes(digest, "big", signed=True)
+        self._sql_version = (
+            f"SELECT s, (SELECT max(version) FROM {s}.events WHERE stream_id = s) "
+            "FROM unnest($1::text[]) AS s"
+        )
+        self._sql_ids = (
+            f"SELECT id, stream_id, version, position FROM {s}.events WHERE id = ANY($1)"
+        )
+        self._sql_insert = (
+            f"WITH ins AS (INSERT INTO {s}.events (stream_id, version, id, type, source, time, "
+            "subject, content_type, dataschema, correlation_id, causation_id, traceparent, "
+            "tracestate, data) SELECT * FROM unnest($1::text[], $2::int[], $3::text[], "
+            "$4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], "
+            "$10::text[], $11::text[], $12::text[], $13::text[], $14::bytea[]) "
+            "RETURNING position) "
+            "SELECT array_agg(position ORDER BY position), pg_notify($15, max(position)::text) "
+            "FROM ins"
+        )
+        self._pool: asyncpg.Pool | None = None
+        self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
+            self._append_group,
+            interrupted=lambda: StoreUnavailable(
+                f"appending to {self.url} was interrupted; the events may or may not be stored"
+            ),
+        )
+        self._listener: asyncpg.Connection | None = None
+        self._listening = asyncio.Lock()
+        self._change = 0
+        self._changed: asyncio.Event | None = None
+        self._connected = False
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, key: str = "NERVUS_STORE") -> PostgresEventStore:
+        dsn, settings = split_store_url(url, key)
+        return cls(dsn, settings)
+
+    # -- connections --------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._connected:
+            return
+        if self._closed:
+            raise StoreError(f"the store {self.url} is closed")
+        timeout = self.settings.connect_timeout
+        try:
+            self._pool = await asyncio.wait_for(
+                asyncpg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=self.settings.pool_size,
+                    timeout=timeout,
+                    command_timeout=None,
+                ),
+                timeout,
+            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+                await conn.execute(_DDL.format(s=self._schema))
+        except BaseException as exc:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool = None
+            error = self._error(exc, "connect")
+            if error is exc:
+                raise
+            raise error from exc
+        self._changed = asyncio.Event()
+        self._connected = True
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._appends.drain()
+        self._notify()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener.close(timeout=2)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
+        self._connected = False
+
+    def _check(self) -> asyncpg.Pool:
+        if not self._connected or self._pool is None:
+            raise StoreError(
+                f"the store {self.url} is "
+                + ("closed" if self._closed else "not connected: call connect() first")
+            )
+        return self._pool
+
+    def _error(self, exc: BaseException, doing: str) -> BaseException:
+        """A driver or network error as a store error naming the (redacted) URL."""
+        if isinstance(exc, StoreError | ValueError):
+            return exc
+        if isinstance(
+            exc,
+            OSError
+            | TimeoutError
+            | asyncpg.PostgresConnectionError
+            | asyncpg.InterfaceError
+            | asyncpg.CannotConnectNowError
+            | asyncpg.TooManyConnectionsError,
+        ):
+            return StoreUnavailable(f"PostgreSQL at {self.url} failed to {doing}: {exc}")
+        if isinstance(exc, asyncpg.PostgresError):
+            return StoreError(f"PostgreSQL at {self.url} refused to {doing}: {exc}")
+        return exc
+
+    async def _fetch(self, doing: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        pool = self._check()
+        try:
+            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                return rows
+        except Exception as exc:
+            raise self._error(exc, doing) from exc
+
+    # -- appending ----------------------------------------------------------------
+
+    async def append(
+        self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
+    ) -> AppendResult:
+        self._check()
+        rows = _rows(stream_id, events, expected_version)
+        return await self._appends.submit(_Append(stream_id, rows, expected_version))
+
+    async def _append_group(self, ops: Sequence[_Append]) -> list[AppendResult | StoreError]:
+        pool = self._check()
+        try:
+            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                try:
+                    async with conn.transaction():
+                        results = await self._append_in(conn, ops, alone=len(ops) == 1)
+                except asyncpg.UniqueViolationError:
+                    if len(ops) > 1:
+                        raise  # each append runs alone, with the idempotency check first
+                    return [await self._id_conflict(conn, ops[0])]
+        except Exception as exc:
+            raise self._error(exc, "append") from exc
+        self._notify()
+        return results
+
+    async def _append_in(
+        self, conn: _Conn, ops: Sequence[_Append], *, alone: bool
+    ) -> list[AppendResult | StoreError]:
+        if self._serialize:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+        known: dict[str, tuple[str, int, int]] = {}
+        if alone:  # a repeated append is found before anything is written
+            known = await self._stored_ids(conn, [op.rows[0][0] for op in ops])
+        streams = list({op.stream_id: None for op in ops})
+        versions = {s: v or 0 for s, v in await conn.fetch(self._sql_version, streams)}
+        results: list[AppendResult | StoreError | None] = []
+        columns: list[list[Any]] = [[] for _ in range(14)]
+        pending: list[tuple[int, str, int, int]] = []  # result index, stream, version, events
+        for op in ops:
+            first = known.get(op.rows[0][0])
+            if first is not None:
+                results.append(await self._repeated(conn, op, first))
+                continue
+            actual = versions[op.stream_id]
+            if op.expected is not None and op.expected != actual:
+                stored = await self._stored_ids(conn, [op.rows[0][0]])
+                if stored:
+                    results.append(await self._repeated(conn, op, stored[op.rows[0][0]]))
+                else:
+                    results.append(ConcurrencyError(op.stream_id, op.expected, actual))
+                continue
+            for n, row in enumerate(op.rows, start=actual + 1):
+                columns[0].append(op.stream_id)
+                columns[1].append(n)
+                for i, value in enumerate(row, start=2):
+                    columns[i].append(value)
+            versions[op.stream_id] = actual + len(op.rows)
+            pending.append((len(results), op.stream_id, versions[op.stream_id], len(op.rows)))
+            results.append(None)
+        if pending:
+            inserted = await conn.fetchrow(self._sql_insert, *columns, self.settings.notify_channel)
+            assert inserted is not None
+            positions: list[int] = inserted[0]
+            taken = 0
+            for index, stream_id, version, count in pending:
+                taken += count
+                results[index] = AppendResult(stream_id, version, positions[taken - 1])
+        return [r for r in results if r is not None]
+
+    async def _stored_ids(self, conn: _Conn, ids: list[str]) -> dict[str, tuple[str, int, int]]:
+        return {r[0]: (r[1], r[2], r[3]) for r in await conn.fetch(self._sql_ids, ids)}
+
+    async def _repeated(
+        self, conn: _Conn, op: _Append, first: tuple[str, int, int]
+    ) -> AppendResult | StoreError:
+        """The first event's id is stored: the same append again is a no-op."""
+        stream_id, version, _ = first
+        if stream_id == op.stream_id:
+            stored = await conn.fetch(
+                f"SELECT id, version, position FROM {self._schema}.events "
+                "WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3",
+                stream_id,
+                version,
+                len(op.rows),
+            )
+            if [r[0] for r in stored] == [row[0] for row in op.rows]:
+                return AppendResult(stream_id, stored[-1][1], stored[-1][2])
+        return await self._id_conflict(conn, op)
+
+    async def _id_conflict(self, conn: _Conn, op: _Append) -> StoreError:
+        stored = await self._stored_ids(conn, [row[0] for row in op.rows])
+        for row in op.rows:
+            if row[0] in stored:
+                where = stored[row[0]]
+                return EventIdConflict(
+                    op.stream_id, row[0], f"stream {where[0]!r} version {where[1]}"
+                )
+        return EventIdConflict(op.stream_id, op.rows[0][0], "an event appended in the same call")
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+        """One database transaction for appends and the caller's own SQL (on
+        ``tx.connection``), committed together when the block ends, rolled back if it
+        raises. From its first append until it ends, other appends to this store wait
+        (that is what keeps position order equal to commit order): keep it short."""
+        pool = self._check()
+        try:
+            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                tx = PostgresTransaction(self, conn)
+                async with conn.transaction():
+                    yield tx
+        except Exception as exc:
+            error = self._error(exc, "commit a transaction")
+            if error is exc:
+                raise
+            raise error from exc
+        if tx.appended:
+            self._notify()
+
+    # -- reading ------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> list[RecordedEvent]:
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit={limit} must be 1 or more")
+        if backwards:
+            start = from_version if from_version is not None else 2**31 - 1
+            sql = (
+                f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
+                "AND version <= $2 ORDER BY version DESC LIMIT $3"
+            )
+        else:
+            start = from_version if from_version is not None else 1
+            sql = (
+                f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
+                "AND version >= $2 ORDER BY version LIMIT $3"
+            )
+        return _recorded(await self._fetch("read a stream", sql, stream_id, start, limit))
+
+    async def stream_version(self, stream_id: str) -> int:
+        rows = await self._fetch(
+            "read a stream version",
+            f"SELECT max(version) FROM {self._schema}.events WHERE stream_id = $1",
+            stream_id,
+        )
+        return int(rows[0][0] or 0)
+
+    async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be 1 or more")
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE position > $1 "
+            "ORDER BY position LIMIT $2"
+        )
+        return _recorded(await self._fetch("read all events", sql, after, limit))
+
+    async def head(self) -> int:
+        rows = await self._fetch(
+            "read the head", f"SELECT max(position) FROM {self._schema}.events"
+        )
+        return int(rows[0][0] or 0)
+
+    async def subscribe(
+        self, after: int = 0, *, batch: int = 1000
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        self._check()
+        while not self._closed:
+            await self._listen()
+            seen = self._change
+            events = await self.read_all(after, batch)
+            if events:
+                after = events[-1].position
+                yield events
+                continue
+            changed = self._changed
+            if changed is None or seen != self._change:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self.settings.poll_interval)
+
+    async def _listen(self) -> None:
+        """Keep one connection listening for appends' notifications (best effort:
+        without it subscribers look every ``poll_interval``)."""
+        listener = self._listener
+        if listener is not None and not listener.is_closed():
+            return
+        async with self._listening:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=self.settings.connect_timeout)
+                await conn.add_listener(self.settings.notify_channel, self._notified)
+            except Exception as exc:
+                log.debug("cannot listen on %s for appends: %s", self.url, exc)
+                return
+            self._listener = conn
+        self._notify()  # anything appended before the listener began is read again
+
+    def _notified(self, *_: object) -> None:
+        self._notify()
+
+    def _notify(self) -> None:
+        self._change += 1
+        changed = self._changed
+        if changed is not None:
+            changed.set()
+            self._changed = asyncio.Event()
+
+    # -- snapshots and checkpoints ------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        await self._fetch(
+            "save a snapshot",
+            f"INSERT INTO {self._schema}.snapshots AS old (stream_id, version, type, data) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (stream_id) DO UPDATE SET "
+            "version = excluded.version, type = excluded.type, data = excluded.data "
+            "WHERE excluded.version > old.version",
+            snapshot.stream_id,
+            snapshot.version,
+            snapshot.type,
+            snapshot.data,
+        )
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None:
+        rows = await self._fetch(
+            "load a snapshot",
+            f"SELECT version, type, data FROM {self._schema}.snapshots WHERE stream_id = $1",
+            stream_id,
+        )
+        return Snapshot(stream_id, rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        await self._fetch(
+            "save a checkpoint",
+            f"INSERT INTO {self._schema}.checkpoints (name, position) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            name,
+            position,
+        )
+
+    async def load_checkpoint(self, name: str) -> int:
+        rows = await self._fetch(
+            "load a checkpoint",
+            f"SELECT position FROM {self._schema}.checkpoints WHERE name = $1",
+            name,
+        )
+        return int(rows[0][0]) if rows else 0
+
+
+class PostgresTransaction:
+    """Appends and the caller's SQL in one transaction (``PostgresEventStore.transaction``)."""
+
+    def __init__(self, store: PostgresEventStore, connection: _Conn) -> None:
+        self._store = store
+        self.connection = connection
+        """The transaction's asyncpg connection, for the caller's own statements."""
+        self.appended = False
+
+    async def append(
+        self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
+    ) -> AppendResult:
+        """``EventStore.append`` inside this transaction: visible to others, and
+        durable, only once the transaction commits."""
+        op = _Append(stream_id, _rows(stream_id, events, expected_version), expected_version)
+        store, conn = self._store, self.connection
+        try:
+            async with conn.transaction():  # a savepoint: a refused append leaves the rest
+                result = (await store._append_in(conn, [op], alone=True))[0]
+        except asyncpg.UniqueViolationError:
+            result = await store._id_conflict(conn, op)
+        if isinstance(result, StoreError):
+            raise result
+        self.appended = True
+        return result
+
+
+def _rows(stream_id: str, events: Sequence[Envelope], expected_version: int | None) -> list[_ROW]:
+    if not events:
+        raise ValueError(f"append to stream {stream_id!r} got no events")
+    if expected_version is not None and expected_version < 0:
+        raise ValueError(f"expected_version={expected_version} must be 0 or more, or ANY")
+    return [
+        (
+            e.id,
+            e.type,
+            e.source,
+            e.time,
+            e.subject,
+            e.datacontenttype,
+            e.dataschema,
+            e.correlationid,
+            e.causationid,
+            e.traceparent,
+            e.tracestate,
+            e.data,
+        )
+        for e in events
+    ]
+
+
+def _recorded(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
+    return [
+        RecordedEvent(
+            r[1],
+            r[2],
+            r[0],
+            Envelope(
+                id=r[3],
+                type=r[4],
+                source=r[5],
+                time=r[6],
+                subject=r[7],
+                datacontenttype=r[8],
+                dataschema=r[9],
+                correlationid=r[10],
+                causationid=r[11],
+                partitionkey=r[1],
+                traceparent=r[12],
+                tracestate=r[13],
+                data=r[14],
+            ),
+        )
+        for r in rows
+    ]
