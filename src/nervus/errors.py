@@ -15,6 +15,7 @@ a user needs to act on it::
     │   ├── StoreUnavailable      cannot reach the database (retryable)
     │   ├── ConcurrencyError      a stream moved on since it was read (retryable)
     │   └── EventIdConflict       an event id is already stored at another place
+    ├── DomainError               a command was refused by the domain's rules
     └── HandlerError              raised by a handler (wraps the cause) in reports
 
 Ack, nack and dead-letter are calls on a subscription, never exceptions.
@@ -45,21 +46,54 @@ class SerializationError(NervusError):
 
 
 class DecodeError(SerializationError):
-    """A payload could not be decoded into its declared type."""
+    """A payload could not be decoded into its declared type.
 
-    def __init__(self, event_type: str, reason: str) -> None:
+    Read from an event store, it names the stream and the version too.
+    """
+
+    def __init__(
+        self,
+        event_type: str,
+        reason: str,
+        *,
+        stream_id: str | None = None,
+        version: int | None = None,
+    ) -> None:
         self.event_type = event_type
         self.reason = reason
-        super().__init__(f"cannot decode event of type {event_type!r}: {reason}")
+        self.stream_id = stream_id
+        self.version = version
+        super().__init__(
+            f"cannot decode event of type {event_type!r}{_at(stream_id, version)}: {reason}"
+        )
 
 
 class UnknownEventType(SerializationError):
-    """No event class is registered for a type name."""
+    """No event class (and no upcaster) is registered for a type name.
 
-    def __init__(self, event_type: str, known: Sequence[str] = ()) -> None:
+    Read from an event store, it names the stream and the version too.
+    """
+
+    def __init__(
+        self,
+        event_type: str,
+        known: Sequence[str] = (),
+        *,
+        stream_id: str | None = None,
+        version: int | None = None,
+    ) -> None:
         self.event_type = event_type
+        self.known = list(known)
+        self.stream_id = stream_id
+        self.version = version
         hint = f"; registered types: {', '.join(sorted(known))}" if known else ""
-        super().__init__(f"unknown event type {event_type!r}{hint}")
+        super().__init__(f"unknown event type {event_type!r}{_at(stream_id, version)}{hint}")
+
+
+def _at(stream_id: str | None, version: int | None) -> str:
+    if stream_id is None:
+        return ""
+    return f" at stream {stream_id!r} version {version}"
 
 
 class TransportError(NervusError):
@@ -138,3 +172,11 @@ class EventIdConflict(StoreError):
         super().__init__(
             f"event id {event_id!r} is already stored at {stored_at}", stream_id=stream_id
         )
+
+
+class DomainError(NervusError):
+    """A command was refused by the domain's rules ("the order is already shipped").
+
+    Raise it (or a subclass) from a decision; the command fails with it and nothing
+    is appended. A retry cannot help: the same command meets the same rules.
+    """

@@ -27,7 +27,16 @@ PUBLIC = {
         "uuid7",
         "uuid7_time_ms",
     ],
-    "nervus.codecs": ["JSON_CODEC", "JsonCodec"],
+    "nervus.codecs": ["JSON_CODEC", "UPCASTERS", "JsonCodec", "Upcast", "Upcasters", "upcaster"],
+    "nervus.domain": [
+        "Aggregate",
+        "CommandResult",
+        "Decision",
+        "EventDecoder",
+        "Loaded",
+        "Repository",
+        "evolve",
+    ],
     "nervus.transports": [
         "DeadLetterReason",
         "Delivery",

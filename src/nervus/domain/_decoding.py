@@ -1,0 +1,45 @@
+"""Stored events back into typed events, upcast when they are old."""
+
+from __future__ import annotations
+
+from nervus.codecs import UPCASTERS, Upcasters
+from nervus.core import REGISTRY, Message, TypeRegistry
+from nervus.errors import DecodeError, UnknownEventType
+from nervus.storage import RecordedEvent
+
+_JSON = "application/json"
+
+
+class EventDecoder:
+    """Decodes recorded events with a type registry and upcasters; errors name the
+    stream, the version and the type."""
+
+    def __init__(self, registry: TypeRegistry = REGISTRY, upcasters: Upcasters = UPCASTERS) -> None:
+        self.registry = registry
+        self.upcasters = upcasters
+
+    def decode(self, recorded: RecordedEvent) -> Message:
+        envelope = recorded.envelope
+        if envelope.datacontenttype != _JSON:
+            raise DecodeError(
+                envelope.type,
+                f"content type {envelope.datacontenttype!r} is not {_JSON!r}",
+                stream_id=recorded.stream_id,
+                version=recorded.version,
+            )
+        try:
+            return self.upcasters.decode(envelope.type, envelope.data, self.registry)
+        except UnknownEventType as exc:
+            raise UnknownEventType(
+                exc.event_type,
+                exc.known,
+                stream_id=recorded.stream_id,
+                version=recorded.version,
+            ) from exc
+        except DecodeError as exc:
+            raise DecodeError(
+                exc.event_type,
+                exc.reason,
+                stream_id=recorded.stream_id,
+                version=recorded.version,
+            ) from exc
