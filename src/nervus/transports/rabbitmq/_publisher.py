@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 import aiormq
 import aiormq.abc
+from aio_pika.abc import AbstractChannel
 from pamqp.encode import encode_table_value
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
@@ -190,3 +191,11 @@ async def confirmed(futures: list[asyncio.Future[object]]) -> list[BaseException
         except Exception as exc:
             failed.append(exc)
     return failed
+
+
+async def publisher_on(channel: AbstractChannel) -> Publisher:
+    """A ``Publisher`` on a confirm-mode channel the client opened."""
+    underlay = await channel.get_underlay_channel()
+    if not isinstance(underlay, aiormq.Channel):
+        raise TypeError(f"expected an aiormq channel, got {type(underlay).__name__}")
+    return Publisher(underlay, channel)

@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import aio_pika
+import aiormq.abc
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import DeliveredMessage
 
 from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import (
@@ -32,6 +33,7 @@ from nervus.transports._contract import (
 from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._membership import Members, targets
 from nervus.transports.rabbitmq._outage import Outage, alive
+from nervus.transports.rabbitmq._publisher import Publisher, confirmed, publisher_on
 
 if TYPE_CHECKING:
     from nervus.transports.rabbitmq._transport import RabbitTransport
@@ -39,36 +41,74 @@ if TYPE_CHECKING:
 log = logging.getLogger("nervus.transports.rabbitmq")
 
 Pair = tuple[str, int]
+_Control = tuple[str, str, dict[str, Any], bytes, str | None]
+"""A control message: exchange, routing key, headers, body, message id."""
 
 
 class _Owned:
-    """A partition this member holds the lock of, with the AMQP channels reading it."""
+    """A partition this member holds the lock of, with the AMQP channels reading it.
 
-    __slots__ = ("after_ms", "channel", "partition", "retry_channel", "start", "stream_channel")
+    ``stream`` and ``retries`` are the client's channels (closed to stop reading),
+    ``stream_amqp`` and ``retries_amqp`` the protocol channels under them, which
+    consume and acknowledge without wrapping each message in an object of the
+    client. Stream acknowledgements only return credit (the group keeps its own
+    positions), so the stream is acknowledged ``multiple`` up to the newest
+    message handed out once ``credit_every`` of them are waiting: the prefetch
+    window never closes, and a fetch costs no acknowledgement of its own.
+    """
+
+    __slots__ = (
+        "after_ms",
+        "channel",
+        "credit_every",
+        "last_tag",
+        "partition",
+        "retries",
+        "retries_amqp",
+        "start",
+        "stream",
+        "stream_amqp",
+        "unacknowledged",
+    )
 
     def __init__(
         self,
         channel: str,
         partition: int,
-        stream_channel: AbstractChannel,
-        retry_channel: AbstractChannel,
+        stream: AbstractChannel,
+        retries: AbstractChannel,
+        stream_amqp: aiormq.abc.AbstractChannel,
+        retries_amqp: aiormq.abc.AbstractChannel,
         start: int,
         after_ms: float | None,
+        prefetch: int,
     ) -> None:
         self.channel = channel
         self.partition = partition
-        self.stream_channel = stream_channel
-        self.retry_channel = retry_channel
+        self.stream = stream
+        self.retries = retries
+        self.stream_amqp = stream_amqp
+        self.retries_amqp = retries_amqp
         self.start = start  # stream offsets below it are skipped
         self.after_ms = after_ms  # until one passes, skip messages published before it
+        self.credit_every = max(1, prefetch // 2)
+        self.unacknowledged = 0  # stream messages handed out or skipped, not yet acknowledged
+        self.last_tag = 0  # the newest of them
+
+    async def return_credit(self) -> None:
+        """Acknowledge the stream up to the newest message handed out or skipped."""
+        self.unacknowledged = 0
+        # A closed channel means the partition was revoked.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+            await self.stream_amqp.basic_ack(self.last_tag, multiple=True, wait=False)
 
 
 class _Handle:
-    __slots__ = ("message", "owned", "retry")
+    __slots__ = ("owned", "retry", "tag")
 
-    def __init__(self, owned: _Owned, message: AbstractIncomingMessage, retry: bool) -> None:
+    def __init__(self, owned: _Owned, tag: int, retry: bool) -> None:
         self.owned = owned
-        self.message = message
+        self.tag = tag
         self.retry = retry
 
 
@@ -121,6 +161,7 @@ class RabbitSubscription(Subscription):
         )
         self._connection: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
+        self._publisher: Publisher | None = None  # on the control channel
         self._owned: dict[Pair, _Owned] = {}
         self._buffer: deque[Delivery] = deque()
         self._ready = asyncio.Event()
@@ -172,30 +213,31 @@ class RabbitSubscription(Subscription):
     async def _take(self, limit: int) -> list[Delivery]:
         buffer, owned, fetched = self._buffer, self._owned, self._tracker.fetched
         out: list[Delivery] = []
-        last: dict[int, AbstractIncomingMessage] = {}
+        credit: list[_Owned] = []
         while buffer and len(out) < limit:
             d = buffer.popleft()
             handle: _Handle = d.handle  # type: ignore[assignment]
-            if owned.get((d.channel, d.partition)) is not handle.owned:
+            source = handle.owned
+            if owned.get((d.channel, d.partition)) is not source:
                 continue  # revoked: the partition's next owner reads it again
             out.append(d)
             if not handle.retry:
                 fetched(d.channel, d.partition, d.offset)
-                last[id(handle.owned)] = handle.message
-        # Stream acknowledgements only return credit (positions are ours to keep),
-        # so one multiple ack per partition per fetch keeps the prefetch window open.
-        for message in last.values():
-            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                await message.ack(multiple=True)
+                source.last_tag = handle.tag
+                source.unacknowledged += 1
+                if source.unacknowledged == source.credit_every:
+                    credit.append(source)
+        for source in credit:
+            await source.return_credit()
         return out
 
     def _on_stream(self, owned: _Owned) -> Any:
         key = (owned.channel, owned.partition)
 
-        async def deliver(message: AbstractIncomingMessage) -> None:
+        async def deliver(message: DeliveredMessage) -> None:
             if self._owned.get(key) is not owned:
                 return
-            raw = message.headers
+            raw = message.header.properties.headers or {}
             offset = _number(raw.get("x-stream-offset"), -1)
             published = raw.get(_names.PUBLISHED_MS)
             if offset < owned.start or (
@@ -203,11 +245,13 @@ class RabbitSubscription(Subscription):
                 and isinstance(published, int)
                 and published < owned.after_ms
             ):
-                with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-                    await message.ack()
+                owned.last_tag = message.delivery_tag or 0
+                owned.unacknowledged += 1
+                if owned.unacknowledged >= owned.credit_every:
+                    await owned.return_credit()
                 return
             owned.after_ms = None
-            self._buffer.append(self._delivery(owned, message, offset, 1, False))
+            self._buffer.append(self._delivery(owned, message, raw, offset, 1, False))
             self._ready.set()
 
         return deliver
@@ -215,22 +259,26 @@ class RabbitSubscription(Subscription):
     def _on_retry(self, owned: _Owned) -> Any:
         key = (owned.channel, owned.partition)
 
-        async def deliver(message: AbstractIncomingMessage) -> None:
+        async def deliver(message: DeliveredMessage) -> None:
             if self._owned.get(key) is not owned:
                 return
-            raw = message.headers
+            raw = message.header.properties.headers or {}
             offset = _number(raw.get(_names.OFFSET), -1)
             attempt = _number(raw.get(_names.ATTEMPT), 2)
-            self._buffer.append(self._delivery(owned, message, offset, attempt, True))
+            self._buffer.append(self._delivery(owned, message, raw, offset, attempt, True))
             self._ready.set()
 
         return deliver
 
     @staticmethod
     def _delivery(
-        owned: _Owned, message: AbstractIncomingMessage, offset: int, attempt: int, retry: bool
+        owned: _Owned,
+        message: DeliveredMessage,
+        raw: dict[str, Any],
+        offset: int,
+        attempt: int,
+        retry: bool,
     ) -> Delivery:
-        raw = message.headers
         drop = _names.BROKER_HEADERS
         headers = {k: v if type(v) is str else _text(v) for k, v in raw.items() if k not in drop}
         published = raw.get(_names.PUBLISHED_MS)
@@ -249,13 +297,13 @@ class RabbitSubscription(Subscription):
             body=message.body,
             attempt=attempt,
             timestamp=published / 1000 if isinstance(published, int) else 0.0,
-            handle=_Handle(owned, message, retry),
+            handle=_Handle(owned, message.delivery_tag or 0, retry),
         )
 
     # -- settling ---------------------------------------------------------------
 
-    def _settle(self, d: Delivery) -> AbstractIncomingMessage | None:
-        """Settle ``d``; return the retry-queue message to acknowledge, if any."""
+    def _settle(self, d: Delivery) -> _Handle | None:
+        """Settle ``d``; return the handle of the retry-queue message to acknowledge, if any."""
         handle = d.handle
         if not isinstance(handle, _Handle):
             raise ValueError(
@@ -266,7 +314,7 @@ class RabbitSubscription(Subscription):
         if self._owned.get(key) is not handle.owned:
             return None  # revoked: delivered again to the partition's next owner
         if handle.retry:
-            return handle.message
+            return handle
         position = self._tracker.settle(d.channel, d.partition, d.offset)
         if position is not None:
             self._positions[key] = position
@@ -274,15 +322,15 @@ class RabbitSubscription(Subscription):
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         ensure_open(self._closed, f"subscription of group {self.group!r}")
-        retries = [m for m in map(self._settle, deliveries) if m is not None]
-        for message in retries:
-            await self._ack_retry(message)
+        retries = [h for h in map(self._settle, deliveries) if h is not None]
+        for handle in retries:
+            await self._ack_retry(handle)
 
     @staticmethod
-    async def _ack_retry(message: AbstractIncomingMessage) -> None:
+    async def _ack_retry(handle: _Handle) -> None:
         # A closed channel means the partition was revoked: the broker requeued it.
         with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-            await message.ack()
+            await handle.owned.retries_amqp.basic_ack(handle.tag)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         ensure_open(self._closed, f"subscription of group {self.group!r}")
@@ -298,18 +346,15 @@ class RabbitSubscription(Subscription):
         headers[_names.PUBLISHED_MS] = int(delivery.timestamp * 1000)
         if delivery.key is not None:
             headers[_names.KEY] = delivery.key
-        message = aio_pika.Message(
-            delivery.body,
-            headers=headers,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=delivery.headers.get("ce_id"),
-            content_type=delivery.headers.get("content-type"),
-        )
         if delay <= 0:
-            await self._send(_names.retry_exchange(delivery.channel, self.group), "", message)
+            exchange, queue = _names.retry_exchange(delivery.channel, self.group), ""
         else:
+            exchange = ""
             queue = await self._transport.delay_queue(delivery.channel, self.group, delay)
-            await self._send("", queue, message)
+        await self._send(
+            [(exchange, queue, headers, delivery.body, delivery.headers.get("ce_id"))],
+            f"for redelivery on {queue or exchange!r}",
+        )
         retry = self._settle(delivery)
         if retry is not None:
             await self._ack_retry(retry)
@@ -329,14 +374,19 @@ class RabbitSubscription(Subscription):
         if retry is not None:
             await self._ack_retry(retry)
 
-    async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+    async def _send(self, messages: list[_Control], what: str) -> None:
+        """Publish persistent ``(exchange, routing key, headers, body, message id)``
+        messages on the control channel, in one write, and wait for their confirms."""
         try:
-            control = await self._control_channel()
-            if exchange:
-                target = await control.get_exchange(exchange, ensure=False)
-            else:
-                target = control.default_exchange
-            await target.publish(message, routing_key)
+            publisher = await self._control_publisher()
+            encode = publisher.encode
+            frames = [
+                encode(Publisher.target(exchange), key, headers, body, message_id)
+                for exchange, key, headers, body, message_id in messages
+            ]
+            failed = await confirmed(publisher.send(frames))
+            if failed:
+                raise failed[0]
         except Exception as exc:
             if self._outage.down or not alive(self._connection):
                 raise TransportUnavailable(
@@ -344,15 +394,22 @@ class RabbitSubscription(Subscription):
                     f"{self.group!r} ({type(exc).__name__}: {exc}); reconnecting"
                 ) from exc
             raise TransportError(
-                f"RabbitMQ at {self._transport.where} did not accept a message for group "
-                f"{self.group!r} on {routing_key or exchange!r}: {type(exc).__name__}: {exc}"
+                f"RabbitMQ at {self._transport.where} did not accept {len(messages)} "
+                f"message(s) of group {self.group!r} {what}: {type(exc).__name__}: {exc}"
             ) from exc
 
     async def _control_channel(self) -> AbstractChannel:
         if self._control is None or self._control.is_closed:
             assert self._connection is not None
             self._control = await self._connection.channel(publisher_confirms=True)
+            self._publisher = None
         return self._control
+
+    async def _control_publisher(self) -> Publisher:
+        control = await self._control_channel()
+        if self._publisher is None:
+            self._publisher = await publisher_on(control)
+        return self._publisher
 
     def assignment(self) -> frozenset[tuple[str, int]]:
         return frozenset(self._owned)
@@ -382,20 +439,24 @@ class RabbitSubscription(Subscription):
             if not positions:
                 return
             try:
-                await asyncio.gather(
-                    *(self._write(pair, {"offset": pos}) for pair, pos in positions.items())
+                await self._send(
+                    [
+                        (
+                            "",
+                            _names.offset_queue(channel, self.group, partition),
+                            {},
+                            json.dumps({"offset": position}).encode(),
+                            None,
+                        )
+                        for (channel, partition), position in positions.items()
+                    ],
+                    "recording its positions",
                 )
             except BaseException:
                 for pair, pos in positions.items():
                     if self._positions.get(pair, -1) < pos:
                         self._positions[pair] = pos
                 raise
-
-    async def _write(self, pair: Pair, value: object) -> None:
-        message = aio_pika.Message(
-            json.dumps(value).encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-        )
-        await self._send("", _names.offset_queue(pair[0], self.group, pair[1]), message)
 
     # -- connection -------------------------------------------------------------
 
@@ -406,6 +467,7 @@ class RabbitSubscription(Subscription):
             self._connection = connection
             async with asyncio.timeout(self._settings.connect_timeout):
                 self._control = await connection.channel(publisher_confirms=True)
+                self._publisher = None
                 await self._members.start(await connection.channel())
         except BaseException:
             self._connection = None
@@ -534,15 +596,29 @@ class RabbitSubscription(Subscription):
             stream_channel = await self._connection.channel()
             await stream_channel.set_qos(prefetch_count=self._prefetch)
             await retry_channel.set_qos(prefetch_count=self._prefetch)
-            owned = _Owned(channel, partition, stream_channel, retry_channel, start, after_ms)
+            stream_amqp = await stream_channel.get_underlay_channel()
+            retries_amqp = await retry_channel.get_underlay_channel()
+            owned = _Owned(
+                channel,
+                partition,
+                stream_channel,
+                retry_channel,
+                stream_amqp,
+                retries_amqp,
+                start,
+                after_ms,
+                self._prefetch,
+            )
             self._tracker.forget(channel, partition)
             self._owned[pair] = owned
-            stream = await stream_channel.get_queue(_names.stream(channel, partition), ensure=False)
-            await stream.consume(self._on_stream(owned), arguments={"x-stream-offset": argument})
-            retries = await retry_channel.get_queue(
-                _names.retry_queue(channel, self.group, partition), ensure=False
+            await stream_amqp.basic_consume(
+                _names.stream(channel, partition),
+                self._on_stream(owned),
+                arguments={"x-stream-offset": argument},
             )
-            await retries.consume(self._on_retry(owned))
+            await retries_amqp.basic_consume(
+                _names.retry_queue(channel, self.group, partition), self._on_retry(owned)
+            )
         except BaseException:
             self._owned.pop(pair, None)
             for ch in (stream_channel, retry_channel):
@@ -568,7 +644,7 @@ class RabbitSubscription(Subscription):
     @staticmethod
     async def _stop(owned: _Owned) -> None:
         # Closing the channels cancels the consumers and requeues unsettled retries.
-        for ch in (owned.stream_channel, owned.retry_channel):
+        for ch in (owned.stream, owned.retries):
             if not ch.is_closed:
                 with contextlib.suppress(Exception):
                     await ch.close()

@@ -41,7 +41,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
-import aiormq
 import aiormq.exceptions
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -58,7 +57,7 @@ from nervus.transports._contract import (
 from nervus.transports._urls import parse_options
 from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._outage import Outage, alive
-from nervus.transports.rabbitmq._publisher import Publisher, confirmed
+from nervus.transports.rabbitmq._publisher import Publisher, confirmed, publisher_on
 from nervus.transports.rabbitmq._settings import RabbitSettings, redact
 from nervus.transports.rabbitmq._subscription import RabbitSubscription
 
@@ -226,11 +225,7 @@ class RabbitTransport(Transport):
 
     @staticmethod
     async def _open_publisher(connection: AbstractConnection) -> Publisher:
-        channel = await connection.channel(publisher_confirms=True)
-        underlay = await channel.get_underlay_channel()
-        if not isinstance(underlay, aiormq.Channel):
-            raise TypeError(f"expected an aiormq channel, got {type(underlay).__name__}")
-        return Publisher(underlay, channel)
+        return await publisher_on(await connection.channel(publisher_confirms=True))
 
     def _unavailable(self, exc: BaseException, doing: str, channel: str | None = None) -> None:
         """Raise ``TransportUnavailable`` for ``exc`` if it means the connection dropped."""
