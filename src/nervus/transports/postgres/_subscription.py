@@ -13,13 +13,12 @@ from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports._contract import (
     DeadLetterReason,
     Delivery,
-    OffsetTracker,
     Subscription,
     dead_letter_channel,
     dead_letter_message,
     ensure_open,
 )
-from nervus.transports._table_log import OwnedPartition, RetryHandle, admit
+from nervus.transports._table_log import OwnedPartition, RetryHandle, admit, settle_in_log
 from nervus.transports.postgres import _membership
 from nervus.transports.postgres._fetch import poll
 from nervus.transports.postgres._membership import PartitionKey
@@ -67,7 +66,6 @@ class PostgresSubscription(Subscription):
         self.channel_ids = frozenset(self._names)
         self._member = member
         self._owned: dict[tuple[str, int], OwnedPartition] = {}
-        self._tracker = OffsetTracker()
         self._positions: dict[PartitionKey, int] = {}
         self._retries_done: list[tuple[int, int, int]] = []
         self._retries_in_flight: set[tuple[int, int, int]] = set()
@@ -149,25 +147,13 @@ class PostgresSubscription(Subscription):
             )
         if retries:
             self._retry_due = None if result.retry_in is None else time.time() + result.retry_in
-        return admit(
-            result.retries, result.batches, self._owned, self._tracker, self._retries_in_flight
-        )
+        return admit(result.retries, result.batches, self._owned, self._retries_in_flight)
 
     # -- settling ---------------------------------------------------------------
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         ensure_open(self._closed, f"subscription of group {self.group!r}")
-        owned, settle, positions = self._owned, self._tracker.settle, self._positions
-        for d in deliveries:
-            handle = d.handle
-            if type(handle) is OwnedPartition:
-                # the common case, inlined: a log delivery of a partition still owned
-                if owned.get((d.channel, d.partition)) is handle:
-                    position = settle(d.channel, d.partition, d.offset)
-                    if position is not None:
-                        positions[(handle.cid, d.partition)] = position
-            else:
-                self._settle(d)
+        settle_in_log(deliveries, self._owned, self._positions, self._settle)
         if self._commit_timer is None and self._commit_task is None:
             self._schedule_commit()
 
@@ -179,10 +165,8 @@ class PostgresSubscription(Subscription):
                 self._retries_in_flight.discard(key)
                 self._retries_done.append(key)
         elif isinstance(handle, OwnedPartition):
-            if self._owned.get((d.channel, d.partition)) is handle:
-                position = self._tracker.settle(d.channel, d.partition, d.offset)
-                if position is not None:
-                    self._positions[(handle.cid, d.partition)] = position
+            if self._owned.get((d.channel, d.partition)) is handle and handle.settle(d.offset):
+                self._positions[(handle.cid, d.partition)] = handle.low
         else:
             raise ValueError(
                 f"delivery {d.channel}[{d.partition}]@{d.offset} was not fetched from this "
@@ -349,13 +333,11 @@ class PostgresSubscription(Subscription):
             o = self._owned[(name, part)]
             if (o.cid, part) not in outcome.owned:
                 del self._owned[(name, part)]
-                self._tracker.forget(name, part)
                 self._retries_in_flight = {
                     r for r in self._retries_in_flight if (r[0], r[1]) != (o.cid, part)
                 }
         for (cid, part), committed in outcome.acquired.items():
             name = self._names[cid]
-            self._tracker.forget(name, part)
             self._owned[(name, part)] = OwnedPartition(name, cid, part, committed)
         if outcome.retry_in is not None:
             due = time.time() + outcome.retry_in

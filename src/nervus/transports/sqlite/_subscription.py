@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 from nervus.transports._contract import (
     DeadLetterReason,
     Delivery,
-    OffsetTracker,
     Subscription,
     dead_letter_channel,
     dead_letter_message,
     ensure_open,
 )
-from nervus.transports._table_log import OwnedPartition, RetryHandle, admit
+from nervus.transports._table_log import OwnedPartition, RetryHandle, admit, settle_in_log
 from nervus.transports.sqlite import _membership
 from nervus.transports.sqlite._fetch import poll
 from nervus.transports.sqlite._membership import PartitionKey
@@ -50,7 +49,6 @@ class SqliteSubscription(Subscription):
         self._names = {cid: name for name, (cid, _) in channels.items()}
         self._member = member
         self._owned: dict[tuple[str, int], OwnedPartition] = {}
-        self._tracker = OffsetTracker()
         self._positions: dict[PartitionKey, int] = {}
         self._retries_done: list[tuple[int, int, int]] = []
         self._retries_in_flight: set[tuple[int, int, int]] = set()
@@ -118,26 +116,14 @@ class SqliteSubscription(Subscription):
         )
         if retries:
             self._retry_due = result.retry_due
-        return admit(
-            result.retries, result.batches, self._owned, self._tracker, self._retries_in_flight
-        )
+        return admit(result.retries, result.batches, self._owned, self._retries_in_flight)
 
     # -- settling ---------------------------------------------------------------
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if self._closed:
             ensure_open(True, f"subscription of group {self.group!r}")
-        owned, settle, positions = self._owned, self._tracker.settle, self._positions
-        for d in deliveries:
-            handle = d.handle
-            if type(handle) is OwnedPartition:
-                # the common case, inlined: a log delivery of a partition still owned
-                if owned.get((d.channel, d.partition)) is handle:
-                    position = settle(d.channel, d.partition, d.offset)
-                    if position is not None:
-                        positions[(handle.cid, d.partition)] = position
-            else:
-                self._settle(d)
+        settle_in_log(deliveries, self._owned, self._positions, self._settle)
         if self._commit_timer is None and self._commit_task is None:
             self._schedule_commit()
 
@@ -148,10 +134,8 @@ class SqliteSubscription(Subscription):
             self._retries_in_flight.discard(key)
             self._retries_done.append(key)
         elif isinstance(handle, OwnedPartition):
-            if self._owned.get((d.channel, d.partition)) is handle:
-                position = self._tracker.settle(d.channel, d.partition, d.offset)
-                if position is not None:
-                    self._positions[(handle.cid, d.partition)] = position
+            if self._owned.get((d.channel, d.partition)) is handle and handle.settle(d.offset):
+                self._positions[(handle.cid, d.partition)] = handle.low
         else:
             raise ValueError(
                 f"delivery {d.channel}[{d.partition}]@{d.offset} was not fetched from this "
@@ -308,13 +292,11 @@ class SqliteSubscription(Subscription):
             o = self._owned[(name, part)]
             if (o.cid, part) not in outcome.owned:
                 del self._owned[(name, part)]
-                self._tracker.forget(name, part)
                 self._retries_in_flight = {
                     r for r in self._retries_in_flight if (r[0], r[1]) != (o.cid, part)
                 }
         for (cid, part), committed in outcome.acquired.items():
             name = self._names[cid]
-            self._tracker.forget(name, part)
             self._owned[(name, part)] = OwnedPartition(name, cid, part, committed)
         if outcome.retry_due is not None and (
             self._retry_due is None or outcome.retry_due < self._retry_due
