@@ -315,3 +315,52 @@ async def test_many_concurrent_publishes_wait_for_a_connection_instead_of_failin
                 await sub.ack(batch)
         assert len(set(got)) == 500
         await sub.close()
+
+
+async def test_concurrent_publishes_share_pipelines_and_keep_their_order(
+    redis_url: str, prefix: str
+) -> None:
+    async with await open_transport(url_of(redis_url, prefix)) as transport:
+        await transport.ensure_channel("orders", 2)
+        before = transport.publish_pipelines
+        await asyncio.gather(
+            *(
+                transport.publish("orders", [OutgoingMessage("k", {"n": str(n)}, b"x")])
+                for n in range(200)
+            )
+        )
+        assert transport.publish_pipelines - before < 20
+        sub = await transport.subscribe(["orders"], "readers")
+        got = await take(sub, 200)
+        assert [int(d.headers["n"]) for d in got] == list(range(200))
+        await sub.close()
+
+
+async def test_a_publish_that_fails_in_a_shared_pipeline_fails_alone(
+    redis_url: str, prefix: str, raw: aioredis.Redis
+) -> None:
+    async with await open_transport(url_of(redis_url, prefix, partitions=1)) as transport:
+        await transport.ensure_channel("good")
+        await transport.ensure_channel("broken")
+        await raw.set(f"{prefix}:stream:broken:0", "not a stream")
+        before = transport.publish_pipelines
+        outcomes = await asyncio.gather(
+            *(
+                transport.publish(
+                    "broken" if n == 5 else "good", [OutgoingMessage(None, {"n": str(n)}, b"")]
+                )
+                for n in range(10)
+            ),
+            return_exceptions=True,
+        )
+        assert transport.publish_pipelines - before < 10, "the calls did not share a pipeline"
+        error = outcomes.pop(5)
+        assert isinstance(error, TransportError)
+        assert not error.retryable
+        assert error.channel == "broken"
+        assert "WRONGTYPE" in str(error)
+        assert outcomes == [None] * 9
+        entries: Any = await raw.xrange(f"{prefix}:stream:good:0")
+        assert [json.loads(e[1][b"headers"])["n"] for e in entries] == [
+            str(n) for n in range(10) if n != 5
+        ]

@@ -95,12 +95,11 @@ def id_before(offset: int) -> str:
     return "0-0"
 
 
-def fields_of(key: str | None, headers: dict[str, str], body: bytes) -> dict[bytes, bytes]:
-    """The entry fields of a message."""
-    fields = {HEADERS: headers_encoder.encode(headers), BODY: body}
-    if key is not None:
-        fields[KEY] = key.encode()
-    return fields
+def xadd_fields(key: str | None, headers: dict[str, str], body: bytes) -> tuple[bytes, ...]:
+    """The field and value arguments of the ``XADD`` of a message."""
+    if key is None:
+        return (HEADERS, headers_encoder.encode(headers), BODY, body)
+    return (HEADERS, headers_encoder.encode(headers), BODY, body, KEY, key.encode())
 
 
 def delivery_of(

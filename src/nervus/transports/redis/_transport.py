@@ -3,7 +3,11 @@ partition ownership by lease, delayed redelivery in sorted sets, replay by
 moving a group's last delivered id.
 
 What "accepted" means: ``publish`` returns once Redis has applied every XADD of the
-batch (sent together in one pipeline, one round trip). Whether that survives a
+batch (sent together in one pipeline, one round trip). Concurrent ``publish`` calls
+share round trips (group commit): while one pipeline is in flight, the calls that
+arrive wait and then go together in the next, each getting its own outcome (an
+error of one call's entries fails that call alone). A caller cancelled while it
+waits does not take its messages back: they may still be written. Whether that survives a
 crash is the server's persistence setting: with ``appendonly yes`` and
 ``appendfsync always`` every accepted write is on disk; with ``everysec`` (the
 usual setting) a crash of the Redis process loses nothing, a power loss up to
@@ -54,6 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import RedisError, ResponseError
 
 from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
+from nervus.sql._batch import GroupCommit
 from nervus.transports._contract import (
     Features,
     OutgoingMessage,
@@ -65,11 +70,21 @@ from nervus.transports._contract import (
 )
 from nervus.transports._urls import parse_options
 from nervus.transports.redis._client import Connection, redact
-from nervus.transports.redis._layout import SEQ_BITS, Keys, fields_of, id_before
+from nervus.transports.redis._layout import SEQ_BITS, Keys, id_before, xadd_fields
 from nervus.transports.redis._settings import RedisSettings
 from nervus.transports.redis._subscription import RedisSubscription
 
 log = logging.getLogger("nervus.transports.redis")
+
+
+class _Publish:
+    """One ``publish`` call waiting for a pipeline: its XADD commands."""
+
+    __slots__ = ("channel", "commands")
+
+    def __init__(self, channel: str, commands: list[tuple[Any, ...]]) -> None:
+        self.channel = channel
+        self.commands = commands
 
 
 class RedisTransport(Transport):
@@ -100,6 +115,9 @@ class RedisTransport(Transport):
         self._round_robin: dict[str, int] = {}
         self._subscriptions: set[RedisSubscription] = set()
         self._closed = False
+        self._publisher: GroupCommit[_Publish, None] = GroupCommit(
+            self._send, interrupted=self._interrupted
+        )
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> RedisTransport:
@@ -145,6 +163,7 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        await self._publisher.drain()
         for sub in list(self._subscriptions):
             with contextlib.suppress(TransportError):
                 await sub.close()
@@ -162,6 +181,12 @@ class RedisTransport(Transport):
                 "await transport.connect() or use 'async with transport'"
             )
         return self._connection
+
+    @property
+    def publish_pipelines(self) -> int:
+        """Pipelines ``publish`` sent so far: fewer than the calls when concurrent calls
+        shared them."""
+        return self._publisher.groups
 
     # -- channels and publishing --------------------------------------------------
 
@@ -189,36 +214,80 @@ class RedisTransport(Transport):
         return count
 
     async def publish(self, channel: str, messages: Sequence[OutgoingMessage]) -> None:
-        connection = self.connection
+        self.connection  # noqa: B018 - raises when closed or not connected
         if not messages:
             return
         count = await self.ensure_channel(channel)
         counter = self._round_robin.get(channel, 0)
         self._round_robin[channel] = counter + len(messages)
         settings = self.settings
-        trim: dict[str, Any] = {}
+        trim: tuple[Any, ...] = ()
         if settings.maxlen is not None:
-            trim = {"maxlen": settings.maxlen, "approximate": True}
+            trim = (b"MAXLEN", b"~", settings.maxlen)
         elif settings.retention_seconds is not None:
             oldest = int((time.time() - settings.retention_seconds) * 1000)
-            trim = {"minid": f"{max(oldest, 0)}-0", "approximate": True}
+            trim = (b"MINID", b"~", f"{max(oldest, 0)}-0")
         streams = [self.keys.stream(channel, p) for p in range(count)]
-        pipe = connection.client.pipeline(transaction=False)
-        for i, m in enumerate(messages):
-            pipe.xadd(
+        commands = [
+            (
+                b"XADD",
                 streams[partition_for(m.key, count, counter + i)],
-                fields_of(m.key, m.headers, m.body),  # type: ignore[arg-type]
-                **trim,
+                *trim,
+                b"*",
+                *xadd_fields(m.key, m.headers, m.body),
             )
+            for i, m in enumerate(messages)
+        ]
+        await self._publisher.submit(_Publish(channel, commands))
+
+    async def _send(self, publishes: Sequence[_Publish]) -> list[TransportError | None]:
+        """Send the XADDs of every waiting ``publish`` call in one pipeline (ending with
+        the durability wait, if any); the outcome of each call (None: accepted)."""
+        connection = self._connection
+        if connection is None:  # closed meanwhile
+            return [self._interrupted() for _ in publishes]
+        pipe = connection.client.pipeline(transaction=False)
+        for publish in publishes:
+            for command in publish.commands:
+                pipe.execute_command(*command)
+        settings = self.settings
+        waits = settings.wait_aof or settings.wait_replicas > 0
         self.add_durability_wait(pipe)
         try:
-            results = await pipe.execute()
-        except RedisError as exc:
-            raise connection.failed(
-                exc, f"publishing {len(messages)} messages", channel=channel
-            ) from exc
+            results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:  # the connection failed: every call fails with it
+            return [
+                _caused(connection.failed(exc, _publishing(p), channel=p.channel), exc)
+                for p in publishes
+            ]
         connection.reached()
-        self.check_durability_wait(results[-1], f"publishing {len(messages)} messages", channel)
+        waited = results[-1] if waits else None
+        outcomes: list[TransportError | None] = []
+        at = 0
+        for p in publishes:
+            what = _publishing(p)
+            mine = results[at : at + len(p.commands)]
+            at += len(p.commands)
+            failed = next((r for r in mine if isinstance(r, Exception)), None)
+            if failed is None and isinstance(waited, Exception):
+                failed = waited
+            if failed is not None:
+                outcomes.append(_caused(connection.failed(failed, what, channel=p.channel), failed))
+                continue
+            if waits:
+                try:
+                    self.check_durability_wait(waited, what, p.channel)
+                except TransportError as exc:
+                    outcomes.append(exc)
+                    continue
+            outcomes.append(None)
+        return outcomes
+
+    def _interrupted(self) -> TransportError:
+        return TransportUnavailable(
+            f"publishing to Redis at {self.where} was interrupted (the event loop is closing); "
+            "the messages may or may not have been written"
+        )
 
     def add_durability_wait(self, pipe: Any) -> None:
         """End a pipeline with the wait ``wait_aof`` / ``wait_replicas`` ask for."""
@@ -333,3 +402,13 @@ class RedisTransport(Transport):
             raise connection.failed(
                 exc, f"moving the positions of group {group!r} for a replay"
             ) from exc
+
+
+def _publishing(publish: _Publish) -> str:
+    return f"publishing {len(publish.commands)} messages"
+
+
+def _caused(error: TransportError, cause: BaseException) -> TransportError:
+    """``error`` as if raised ``from cause``."""
+    error.__cause__ = cause
+    return error
