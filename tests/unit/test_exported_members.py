@@ -90,6 +90,7 @@ PUBLIC = {
         "EventStore",
         "RecordedEvent",
         "Snapshot",
+        "StoreTransaction",
         "store_from_url",
         "store_schemes",
     ],

@@ -8,6 +8,7 @@ from nervus.storage._contract import (
     EventStore,
     RecordedEvent,
     Snapshot,
+    StoreTransaction,
 )
 from nervus.storage._urls import store_from_url, store_schemes
 
@@ -18,6 +19,7 @@ __all__ = [
     "EventStore",
     "RecordedEvent",
     "Snapshot",
+    "StoreTransaction",
     "store_from_url",
     "store_schemes",
 ]

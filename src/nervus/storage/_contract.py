@@ -40,6 +40,15 @@ Snapshots and checkpoints
     (a relay's, a projection's). Neither is an event: saving them changes no
     stream. nervus never modifies or deletes a stored event.
 
+Transactions
+    ``transaction()`` gives one database transaction in which appends, the
+    caller's own SQL (read models, business tables) and checkpoint moves commit
+    together or not at all. SQL uses ``?`` placeholders on every store;
+    ``dialect`` says which database runs it (``sqlite`` or ``postgresql``) for
+    the rare statement that differs. While a transaction that appended is open,
+    other appends to the store wait for it (that keeps position order equal to
+    commit order); on SQLite every other write waits. Keep transactions short.
+
 Every method may raise ``StoreUnavailable`` (retryable) when the database cannot
 be reached, and ``StoreError`` for other failures, naming the database.
 """
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Final, Self
 
@@ -94,6 +104,39 @@ class Snapshot(msgspec.Struct, frozen=True):
     version: int
     type: str
     data: bytes
+
+
+class StoreTransaction(ABC):
+    """One database transaction of a store (see "Transactions" above)."""
+
+    dialect: str
+    """``sqlite`` or ``postgresql``."""
+
+    @abstractmethod
+    async def append(
+        self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
+    ) -> AppendResult:
+        """``EventStore.append`` inside the transaction: visible once it commits. A
+        refused append raises and leaves the rest of the transaction as it was."""
+
+    @abstractmethod
+    async def execute(self, sql: str, *params: object) -> int:
+        """Run one statement (``?`` placeholders); returns the rows it changed."""
+
+    @abstractmethod
+    async def fetch(self, sql: str, *params: object) -> list[tuple[object, ...]]:
+        """Run one query (``?`` placeholders); returns its rows as tuples."""
+
+    @abstractmethod
+    async def load_checkpoint(self, name: str) -> int:
+        """The position stored under ``name`` as this transaction sees it (0: none)."""
+
+    @abstractmethod
+    async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
+        """Set ``name`` to ``position`` if it is at ``expected`` now (a missing
+        checkpoint is at 0); False, and nothing changed, if it is not. The
+        checkpoint stays locked until the transaction ends, so two transactions
+        moving it from the same place cannot both succeed."""
 
 
 class EventStore(ABC):
@@ -172,3 +215,12 @@ class EventStore(ABC):
     @abstractmethod
     async def load_checkpoint(self, name: str) -> int:
         """The position stored under ``name``, 0 when none is."""
+
+    @abstractmethod
+    async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
+        """Every checkpoint whose name starts with ``prefix``."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]:
+        """One transaction for appends, the caller's SQL and checkpoints; commits when
+        the block ends, rolls back if it raises."""

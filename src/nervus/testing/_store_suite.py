@@ -319,3 +319,86 @@ class EventStoreConformance:
         await store.close()  # idempotent
         with pytest.raises(StoreError, match="closed"):
             await store.read_all()
+
+    # -- transactions -----------------------------------------------------------------
+
+    async def test_a_transaction_commits_events_rows_and_checkpoints_together(
+        self, store: EventStore
+    ) -> None:
+        table = f"conformance_rows_{next(_counter)}"
+        async with store.transaction() as tx:
+            await tx.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, amount INTEGER)")
+        batch = events(2)
+        async with store.transaction() as tx:
+            assert tx.dialect in ("sqlite", "postgresql")
+            result = await tx.append("tx-1", batch, NO_STREAM)
+            assert result.version == 2
+            assert await tx.execute(f"INSERT INTO {table} VALUES (?, ?)", "a", 10) == 1
+            assert await tx.move_checkpoint("tx-test", 0, result.position)
+            assert await tx.load_checkpoint("tx-test") == result.position
+            assert await tx.fetch(f"SELECT id, amount FROM {table}") == [("a", 10)]
+
+        class Undo(Exception):
+            pass
+
+        async def write_then_fail() -> None:
+            async with store.transaction() as tx:
+                await tx.append("tx-2", events(1), NO_STREAM)
+                await tx.execute(f"INSERT INTO {table} VALUES (?, ?)", "b", 20)
+                await tx.move_checkpoint("tx-test", result.position, result.position + 100)
+                raise Undo
+
+        with pytest.raises(Undo):
+            await write_then_fail()
+        assert ids(await store.read_all()) == ids(batch)
+        assert await store.load_checkpoint("tx-test") == result.position
+        async with store.transaction() as tx:
+            assert await tx.fetch(f"SELECT id FROM {table} ORDER BY id") == [("a",)]
+
+    async def test_a_refused_append_leaves_the_rest_of_the_transaction(
+        self, store: EventStore
+    ) -> None:
+        await store.append("taken", events(1), NO_STREAM)
+        kept = events(1)
+        async with store.transaction() as tx:
+            with pytest.raises(ConcurrencyError):
+                await tx.append("taken", events(1), NO_STREAM)
+            stored = await store.read_stream("taken")
+            with pytest.raises(EventIdConflict):
+                await tx.append("elsewhere", [stored[0].envelope], NO_STREAM)
+            await tx.append("kept", kept, NO_STREAM)
+        assert ids(await store.read_stream("kept")) == ids(kept)
+        assert await store.read_stream("elsewhere") == []
+        assert await store.stream_version("taken") == 1
+
+    async def test_moving_a_checkpoint_is_compare_and_set(self, store_url: str) -> None:
+        async with self.open_store(store_url) as one, self.open_store(store_url) as two:
+            async with one.transaction() as tx:
+                assert await tx.move_checkpoint("cas", 0, 5)
+                assert not await tx.move_checkpoint("cas", 0, 6)
+
+            async def move(store: EventStore, to: int) -> bool:
+                async with store.transaction() as tx:
+                    moved = await tx.move_checkpoint("cas", 5, to)
+                    await asyncio.sleep(0.05)  # hold it: the other one meets it
+                    return moved
+
+            outcomes = await asyncio.gather(move(one, 6), move(two, 7))
+            assert sorted(outcomes) == [False, True]
+            assert await one.load_checkpoint("cas") == (6 if outcomes[0] else 7)
+
+    async def test_list_checkpoints_by_prefix(self, store: EventStore) -> None:
+        await store.save_checkpoint("projection:a", 1)
+        await store.save_checkpoint("projection:b", 2)
+        await store.save_checkpoint("relay:main", 3)
+        assert await store.list_checkpoints("projection:") == {"projection:a": 1, "projection:b": 2}
+        assert len(await store.list_checkpoints()) == 3
+
+    async def test_a_subscriber_sees_appends_of_a_transaction(self, store: EventStore) -> None:
+        head = await store.head()
+        collector = asyncio.create_task(self._collect(store, head, 3))
+        await asyncio.sleep(0.1)
+        batch = events(3)
+        async with store.transaction() as tx:
+            await tx.append("from-tx", batch, NO_STREAM)
+        assert ids(await collector) == ids(batch)

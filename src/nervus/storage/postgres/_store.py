@@ -52,7 +52,14 @@ from nervus.errors import (
     StoreUnavailable,
 )
 from nervus.sql._batch import GroupCommit
-from nervus.storage._contract import AppendResult, EventStore, RecordedEvent, Snapshot
+from nervus.sql._placeholders import numbered
+from nervus.storage._contract import (
+    AppendResult,
+    EventStore,
+    RecordedEvent,
+    Snapshot,
+    StoreTransaction,
+)
 from nervus.storage.postgres._settings import PostgresStoreSettings, split_store_url
 
 log = logging.getLogger("nervus.storage.postgres")
@@ -504,15 +511,36 @@ class PostgresEventStore(EventStore):
         )
         return int(rows[0][0]) if rows else 0
 
+    async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
+        rows = await self._fetch(
+            "list checkpoints",
+            f"SELECT name, position FROM {self._schema}.checkpoints "
+            "WHERE left(name, length($1)) = $1 ORDER BY name",
+            prefix,
+        )
+        return {r[0]: int(r[1]) for r in rows}
 
-class PostgresTransaction:
-    """Appends and the caller's SQL in one transaction (``PostgresEventStore.transaction``)."""
+
+class PostgresTransaction(StoreTransaction):
+    """Appends, the caller's SQL and checkpoints in one transaction
+    (``PostgresEventStore.transaction``)."""
+
+    dialect = "postgresql"
 
     def __init__(self, store: PostgresEventStore, connection: _Conn) -> None:
         self._store = store
         self.connection = connection
-        """The transaction's asyncpg connection, for the caller's own statements."""
+        """The transaction's asyncpg connection, for statements in its own style."""
         self.appended = False
+        schema = store.settings.schema
+        self._sql_load = f"SELECT position FROM {schema}.checkpoints WHERE name = $1"
+        self._sql_seed = (
+            f"INSERT INTO {schema}.checkpoints (name, position) VALUES ($1, 0) "
+            "ON CONFLICT (name) DO NOTHING"
+        )
+        self._sql_move = (
+            f"UPDATE {schema}.checkpoints SET position = $3 WHERE name = $1 AND position = $2"
+        )
 
     async def append(
         self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
@@ -530,6 +558,23 @@ class PostgresTransaction:
             raise result
         self.appended = True
         return result
+
+    async def execute(self, sql: str, *params: object) -> int:
+        status = await self.connection.execute(numbered(sql), *params)
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def fetch(self, sql: str, *params: object) -> list[tuple[object, ...]]:
+        return [tuple(row) for row in await self.connection.fetch(numbered(sql), *params)]
+
+    async def load_checkpoint(self, name: str) -> int:
+        position = await self.connection.fetchval(self._sql_load, name)
+        return int(position) if position is not None else 0
+
+    async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
+        await self.connection.execute(self._sql_seed, name)
+        status = await self.connection.execute(self._sql_move, name, expected, position)
+        return bool(status == "UPDATE 1")
 
 
 def _rows(stream_id: str, events: Sequence[Envelope], expected_version: int | None) -> list[_ROW]:

@@ -12,6 +12,7 @@ subscribers are woken at once by this process's appends and within
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
@@ -32,8 +33,15 @@ from nervus.errors import (
 )
 from nervus.sql._sqlite import Connection, Errors, Writer
 from nervus.sql._watch import Changes
-from nervus.storage._contract import AppendResult, EventStore, RecordedEvent, Snapshot
+from nervus.storage._contract import (
+    AppendResult,
+    EventStore,
+    RecordedEvent,
+    Snapshot,
+    StoreTransaction,
+)
 from nervus.storage.sqlite._schema import COLUMNS, INSERT, create_schema
+from nervus.storage.sqlite._transaction import SqliteTransactions
 
 _ERRORS = Errors(StoreUnavailable, StoreError)
 _IDLE_WAIT = 1.0  # s a subscriber waits for a change before looking anyway
@@ -79,6 +87,18 @@ class SqliteEventStore(EventStore):
         self._reader = Connection(
             self.path, name="store-reader", synchronous=sync, busy_timeout=busy, errors=_ERRORS
         )
+        self._transactions = SqliteTransactions(
+            Connection(
+                self.path,
+                name="store-transactions",
+                synchronous=sync,
+                busy_timeout=busy,
+                errors=_ERRORS,
+            ),
+            busy_timeout=busy,
+            append=_append,
+            rows=_rows,
+        )
         self._changes = Changes(self.path, poll_interval=settings.poll_interval, busy_timeout=busy)
         self._writer = Writer(
             self.path,
@@ -114,6 +134,7 @@ class SqliteEventStore(EventStore):
         try:
             await self._writer.submit(create_schema)
             await self._reader.open()
+            await self._transactions.open()
         except BaseException:
             await self._writer.close()
             raise
@@ -125,6 +146,7 @@ class SqliteEventStore(EventStore):
         self._closed = True
         self._changes.close()
         await self._writer.close()  # lets queued appends commit
+        await self._transactions.close()
         await self._reader.close()
         self._connected = False
 
@@ -145,25 +167,7 @@ class SqliteEventStore(EventStore):
             raise ValueError(f"append to stream {stream_id!r} got no events")
         if expected_version is not None and expected_version < 0:
             raise ValueError(f"expected_version={expected_version} must be 0 or more, or ANY")
-        rows: list[tuple[object, ...]] = [
-            (
-                stream_id,
-                0,  # the version, set in the transaction
-                e.id,
-                e.type,
-                e.source,
-                e.time,
-                e.subject,
-                e.datacontenttype,
-                e.dataschema,
-                e.correlationid,
-                e.causationid,
-                e.traceparent,
-                e.tracestate,
-                e.data,
-            )
-            for e in events
-        ]
+        rows = _rows(stream_id, events)
         result = await self._writer.submit(
             functools.partial(_append, stream_id=stream_id, rows=rows, expected=expected_version)
         )
@@ -240,8 +244,41 @@ class SqliteEventStore(EventStore):
         self._check()
         return await self._reader.run(_load_checkpoint, name)
 
+    async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
+        self._check()
+        return await self._reader.run(_list_checkpoints, prefix)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StoreTransaction]:
+        self._check()
+        async with self._transactions.transaction(self._changes.notify) as tx:
+            yield tx
+
 
 # -- what runs on the connections' threads --------------------------------------
+
+
+def _rows(stream_id: str, events: Sequence[Envelope]) -> list[tuple[object, ...]]:
+    """The rows of an append, their versions still 0 (set in the transaction)."""
+    return [
+        (
+            stream_id,
+            0,
+            e.id,
+            e.type,
+            e.source,
+            e.time,
+            e.subject,
+            e.datacontenttype,
+            e.dataschema,
+            e.correlationid,
+            e.causationid,
+            e.traceparent,
+            e.tracestate,
+            e.data,
+        )
+        for e in events
+    ]
 
 
 def _limit(limit: int | None) -> int:
@@ -395,3 +432,11 @@ def _save_checkpoint(name: str, position: int, conn: sqlite3.Connection) -> None
 def _load_checkpoint(conn: sqlite3.Connection, name: str) -> int:
     row = conn.execute("SELECT position FROM nervus_checkpoints WHERE name = ?", (name,)).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def _list_checkpoints(conn: sqlite3.Connection, prefix: str) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT name, position FROM nervus_checkpoints WHERE substr(name, 1, ?) = ? ORDER BY name",
+        (len(prefix), prefix),
+    ).fetchall()
+    return {name: int(position) for name, position in rows}

@@ -1,0 +1,153 @@
+"""Transactions of the embedded store that span the caller's awaits.
+
+The group-committing writer runs whole operations on its thread; a transaction
+whose statements come one by one from async code (a projection's handlers, a
+service's own writes) needs a connection of its own, held from ``BEGIN IMMEDIATE``
+to ``COMMIT``. SQLite writes one transaction at a time, so meanwhile every other
+write to the file waits (up to ``busy_timeout``): keep them short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from nervus.core import Envelope
+from nervus.errors import StoreError
+from nervus.sql._sqlite import Connection, retry_busy
+from nervus.storage._contract import AppendResult, StoreTransaction
+
+
+class SqliteTransactions:
+    """One connection (and thread) for transactions, used by one at a time."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        *,
+        busy_timeout: float,
+        append: Callable[..., AppendResult | StoreError],
+        rows: Callable[[str, Sequence[Envelope]], list[tuple[object, ...]]],
+    ) -> None:
+        self._conn = connection
+        self._busy_timeout = busy_timeout
+        self._append = append
+        self._rows = rows
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        await self._conn.open()
+
+    async def close(self) -> None:
+        async with self._lock:  # a running transaction ends first
+            await self._conn.close()
+
+    @asynccontextmanager
+    async def transaction(self, on_commit: Callable[[], None]) -> AsyncIterator[StoreTransaction]:
+        async with self._lock:
+            await self._conn.run(retry_busy, "BEGIN IMMEDIATE", self._busy_timeout)
+            tx = SqliteTransaction(self._conn, self._append, self._rows)
+            try:
+                yield tx
+            except BaseException:
+                await self._conn.run(_rollback)
+                raise
+            await self._conn.run(_commit)
+            if tx.appended:
+                on_commit()
+
+
+class SqliteTransaction(StoreTransaction):
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        conn: Connection,
+        append: Callable[..., AppendResult | StoreError],
+        rows: Callable[[str, Sequence[Envelope]], list[tuple[object, ...]]],
+    ) -> None:
+        self._conn = conn
+        self._append_fn = append
+        self._rows = rows
+        self.appended = False
+
+    async def append(
+        self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
+    ) -> AppendResult:
+        if not events:
+            raise ValueError(f"append to stream {stream_id!r} got no events")
+        rows = self._rows(stream_id, events)
+        if expected_version is not None and expected_version < 0:
+            raise ValueError(f"expected_version={expected_version} must be 0 or more, or ANY")
+        result = await self._conn.run(
+            _in_savepoint, self._append_fn, stream_id, rows, expected_version
+        )
+        if isinstance(result, StoreError):
+            raise result
+        self.appended = True
+        return result
+
+    async def execute(self, sql: str, *params: object) -> int:
+        return await self._conn.run(_execute, sql, params)
+
+    async def fetch(self, sql: str, *params: object) -> list[tuple[object, ...]]:
+        return await self._conn.run(_fetch, sql, params)
+
+    async def load_checkpoint(self, name: str) -> int:
+        rows = await self.fetch("SELECT position FROM nervus_checkpoints WHERE name = ?", name)
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+    async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
+        return await self._conn.run(_move_checkpoint, name, expected, position)
+
+
+def _in_savepoint(
+    conn: sqlite3.Connection,
+    append: Callable[..., AppendResult | StoreError],
+    stream_id: str,
+    rows: list[tuple[object, ...]],
+    expected: int | None,
+) -> AppendResult | StoreError:
+    conn.execute("SAVEPOINT nervus_append")
+    try:
+        result = append(conn, stream_id=stream_id, rows=rows, expected=expected)
+    except BaseException:
+        conn.execute("ROLLBACK TO nervus_append")
+        conn.execute("RELEASE nervus_append")
+        raise
+    conn.execute("RELEASE nervus_append")
+    return result
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> int:
+    return conn.execute(sql, params).rowcount
+
+
+def _fetch(
+    conn: sqlite3.Connection, sql: str, params: tuple[object, ...]
+) -> list[tuple[object, ...]]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _move_checkpoint(conn: sqlite3.Connection, name: str, expected: int, position: int) -> bool:
+    conn.execute(
+        "INSERT INTO nervus_checkpoints (name, position) VALUES (?, 0) "
+        "ON CONFLICT (name) DO NOTHING",
+        (name,),
+    )
+    moved = conn.execute(
+        "UPDATE nervus_checkpoints SET position = ? WHERE name = ? AND position = ?",
+        (position, name, expected),
+    ).rowcount
+    return moved == 1
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    conn.execute("COMMIT")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
