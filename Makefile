@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ORDERS ?= 10000
 BROKER ?= sqlite
+STORE  ?= sqlite
 
-.PHONY: demo test test-unit test-integration bench lint format services-up services-down services-status clean
+.PHONY: demo test test-unit test-integration bench bench-store lint format services-up services-down services-status clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +29,12 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration
 
-bench: $(STAMP)  ## benchmarks; prints one JSON document
+bench: $(STAMP)  ## benchmarks; prints two JSON documents: the transport's, then the SQLite store's
 	@$(PY) -m benchmarks.run --broker $(BROKER)
+	@$(PY) -m benchmarks.store --store sqlite
+
+bench-store: $(STAMP)  ## the event store against raw inserts and eventsourcing; one JSON document
+	@$(PY) -m benchmarks.store --store $(STORE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
