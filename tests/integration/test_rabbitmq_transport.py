@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import pytest
 
-from nervus.errors import ConfigurationError, TransportUnavailable
+from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
 from nervus.transports import Delivery, OutgoingMessage, Transport, from_url
 from nervus.transports.rabbitmq import RabbitSettings, RabbitTransport
 from nervus.transports.rabbitmq._names import delay_bucket
@@ -98,6 +98,95 @@ async def test_nervus_consumes_what_a_plain_client_publishes(rabbitmq_url: str) 
         assert delivery.headers == {"ce_id": "plain-1", "ce_type": "greeting.v1", "x-number": "3"}
         assert delivery.attempt == 1
         await sub.ack(got)
+    finally:
+        await connection.close()
+        await transport.close()
+
+
+async def _drain(transport: Transport, channel: str, group: str, count: int) -> list[Delivery]:
+    sub = await transport.subscribe([channel], group)
+    got: list[Delivery] = []
+    try:
+        async with asyncio.timeout(20):
+            while len(got) < count:
+                batch = list(await sub.fetch(1000, 0.2))
+                got += batch
+                await sub.ack(batch)
+        await asyncio.sleep(0.2)
+        got += await sub.fetch(1000, 0)
+    finally:
+        await sub.close()
+    return got
+
+
+async def test_concurrent_publish_calls_all_land_once_in_key_order(rabbitmq_url: str) -> None:
+    channel, group = _name("concurrent"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    try:
+        await transport.ensure_channel(channel, 4)
+
+        async def call(n: int) -> None:
+            await transport.publish(
+                channel,
+                [
+                    OutgoingMessage(f"key-{n % 7}", {"ce_id": f"{n}-{i}"}, f"{n}:{i}".encode())
+                    for i in range(n % 5 + 1)
+                ],
+            )
+
+        # many calls in flight at once share writes; each call's messages keep their order
+        await asyncio.gather(*(call(n) for n in range(300)))
+        expected = {f"{n}:{i}" for n in range(300) for i in range(n % 5 + 1)}
+        got = await _drain(transport, channel, group, len(expected))
+        bodies = [d.body.decode() for d in got]
+        assert sorted(bodies) == sorted(expected)
+        order: dict[int, list[int]] = {}
+        for d in sorted(got, key=lambda d: (d.partition, d.offset)):
+            n, i = map(int, d.body.decode().split(":"))
+            assert (d.key, d.headers["ce_id"]) == (f"key-{n % 7}", f"{n}-{i}")
+            order.setdefault(n, []).append(i)
+        assert order == {n: list(range(n % 5 + 1)) for n in range(300)}
+    finally:
+        await transport.close()
+
+
+async def test_a_message_larger_than_a_frame_arrives_whole(rabbitmq_url: str) -> None:
+    channel, group = _name("large"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    try:
+        body = bytes(range(256)) * 2000  # 512 KB: several body frames
+        headers = {"ce_id": "big-1", "note": "é" * 300}
+        await transport.publish(
+            channel,
+            [
+                OutgoingMessage("k", headers, body),
+                *[OutgoingMessage("k", {"ce_id": f"small-{i}"}, b"s") for i in range(3)],
+            ],
+        )
+        got = await _drain(transport, channel, group, 4)
+        assert [d.headers["ce_id"] for d in got] == ["big-1", "small-0", "small-1", "small-2"]
+        assert got[0].body == body
+        assert got[0].headers == headers
+    finally:
+        await transport.close()
+
+
+async def test_publish_to_a_deleted_exchange_fails_then_recovers(rabbitmq_url: str) -> None:
+    channel = _name("gone")
+    transport = await _open(_url(rabbitmq_url))
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        await transport.ensure_channel(channel, 2)
+        amqp = await connection.channel()
+        await amqp.exchange_delete(f"nervus.{channel}")
+        # the broker closes the publishing channel: the call fails instead of waiting
+        with pytest.raises(TransportError):
+            async with asyncio.timeout(10):
+                await transport.publish(channel, [OutgoingMessage("k", {}, b"lost")])
+        other = _name("after")
+        await transport.publish(other, [OutgoingMessage("k", {"ce_id": "a-1"}, b"kept")])
+        got = await _drain(transport, other, _name("group"), 1)
+        assert [d.body for d in got] == [b"kept"]
     finally:
         await connection.close()
         await transport.close()
