@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -30,39 +30,32 @@ POLL_INTERVAL = 0.05
 class _Batch:
     """The delivery reports of one ``publish`` call, counted on the polling thread."""
 
-    __slots__ = ("_lock", "_loop", "_pending", "_sealed", "error", "future")
+    __slots__ = ("_lock", "_loop", "_pending", "error", "future")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pending: int) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._pending = 0
-        self._sealed = False
+        # One more than the messages: the sender's own count, withdrawn by ``seal``
+        # once every message is queued, so reports cannot finish the batch early.
+        self._pending = pending + 1
         self.error: KafkaError | None = None
         self.future: asyncio.Future[None] = loop.create_future()
 
-    def add(self) -> None:
-        with self._lock:
-            self._pending += 1
-
-    def withdraw(self) -> None:
-        """A message counted by ``add`` was not queued after all."""
-        with self._lock:
-            self._pending -= 1
-
     def report(self, error: KafkaError | None, _message: Message) -> None:
         """Delivery report of one message (on the polling thread)."""
+        if error is not None and self.error is None:
+            self.error = error
         with self._lock:
             self._pending -= 1
-            if error is not None and self.error is None:
-                self.error = error
-            done = self._sealed and self._pending == 0
+            done = self._pending == 0
         if done:
             self._loop.call_soon_threadsafe(self._resolve)
 
-    def seal(self) -> None:
-        """Every message is queued; resolve once their reports are in (on the loop)."""
+    def seal(self, unqueued: int = 0) -> None:
+        """Every message is queued but ``unqueued`` ones (on the loop); resolve once
+        the reports of the queued ones are in."""
         with self._lock:
-            self._sealed = True
+            self._pending -= unqueued + 1
             done = self._pending == 0
         if done:
             self._resolve()
@@ -106,35 +99,32 @@ class Publisher:
         partition: int | None = None,
     ) -> None:
         """Queue every message, then wait for all their delivery reports."""
-        batch = _Batch(asyncio.get_running_loop())
-        produce, report = self._producer.produce, batch.report
+        batch = _Batch(asyncio.get_running_loop(), len(messages))
+        produce: Callable[..., None] = self._producer.produce
+        report = batch.report
         part = -1 if partition is None else partition
+        queued = 0
         try:
             for m in messages:
-                key = None if m.key is None else m.key.encode()
-                batch.add()
-                while True:
-                    try:
-                        produce(
-                            topic,
-                            m.body,
-                            key,
-                            partition=part,
-                            on_delivery=report,
-                            headers=_header_list(m.headers),
-                        )
-                        break
-                    except BufferError:
-                        # librdkafka's queue is full: let the polling thread drain it.
+                # confluent-kafka encodes str keys and header values as UTF-8 itself.
+                try:
+                    produce(topic, m.body, m.key, part, report, headers=m.headers)
+                except BufferError:
+                    # librdkafka's queue is full: let the polling thread drain it.
+                    while True:
                         await asyncio.sleep(POLL_INTERVAL / 5)
+                        try:
+                            produce(topic, m.body, m.key, part, report, headers=m.headers)
+                            break
+                        except BufferError:
+                            continue
+                queued += 1
         except KafkaException as exc:
-            batch.withdraw()
-            batch.seal()
+            batch.seal(len(messages) - queued)
             await batch.future
             raise _publish_error(self._url, topic, exc.args[0] if exc.args else exc) from exc
         except BaseException:
-            batch.withdraw()
-            batch.seal()
+            batch.seal(len(messages) - queued)
             raise
         batch.seal()
         await batch.future
@@ -148,10 +138,6 @@ class Publisher:
         self._stop.set()
         self._thread.join()
         return left
-
-
-def _header_list(headers: Mapping[str, str]) -> list[tuple[str, str | bytes | None]]:
-    return [(k, v.encode()) for k, v in headers.items()]
 
 
 def _publish_error(url: str, topic: str, error: object) -> TransportError:
