@@ -2,6 +2,14 @@
 
 from nervus.domain._aggregate import Aggregate, evolve
 from nervus.domain._decoding import EventDecoder
+from nervus.domain._projection import (
+    Projection,
+    ProjectionRunner,
+    ProjectionStatus,
+    ReadModelTransaction,
+    handles,
+    projection_statuses,
+)
 from nervus.domain._repository import CommandResult, Decision, Loaded, Repository
 
 __all__ = [
@@ -10,6 +18,12 @@ __all__ = [
     "Decision",
     "EventDecoder",
     "Loaded",
+    "Projection",
+    "ProjectionRunner",
+    "ProjectionStatus",
+    "ReadModelTransaction",
     "Repository",
     "evolve",
+    "handles",
+    "projection_statuses",
 ]

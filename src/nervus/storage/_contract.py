@@ -56,7 +56,7 @@ be reached, and ``StoreError`` for other failures, naming the database.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Final, Self
@@ -111,6 +111,9 @@ class StoreTransaction(ABC):
 
     dialect: str
     """``sqlite`` or ``postgresql``."""
+    namespace: str
+    """What to put before a table name to reach the store's own schema: ``""`` on
+    SQLite, ``"<schema>."`` on PostgreSQL."""
 
     @abstractmethod
     async def append(
@@ -144,6 +147,9 @@ class EventStore(ABC):
 
     url: str
     """Where the store is, password hidden."""
+    namespace: str = ""
+    """What to put before a table name to reach the store's own schema: ``""`` on
+    SQLite, ``"<schema>."`` on PostgreSQL."""
 
     @abstractmethod
     async def connect(self) -> None:
@@ -196,7 +202,9 @@ class EventStore(ABC):
         """The highest position visible now (0 when the store is empty)."""
 
     @abstractmethod
-    def subscribe(self, after: int = 0, *, batch: int = 1000) -> AsyncIterator[list[RecordedEvent]]:
+    def subscribe(
+        self, after: int = 0, *, batch: int = 1000
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         """Batches of the events after ``after``: those stored now, then new ones as
         they commit. Ends when the store is closed."""
 

@@ -325,8 +325,8 @@ class EventStoreConformance:
     async def test_a_transaction_commits_events_rows_and_checkpoints_together(
         self, store: EventStore
     ) -> None:
-        table = f"conformance_rows_{next(_counter)}"
         async with store.transaction() as tx:
+            table = f"{tx.namespace}conformance_rows"  # the store's own schema
             await tx.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY, amount INTEGER)")
         batch = events(2)
         async with store.transaction() as tx:

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -100,10 +100,91 @@ CREATE TABLE IF NOT EXISTS {s}.checkpoints (
     name text PRIMARY KEY,
     position bigint NOT NULL
 );
+CREATE OR REPLACE FUNCTION {s}.append_events(
+    lock_key bigint, channel text, streams text[], expected integer[], counts integer[],
+    ids text[], types text[], sources text[], times text[], subjects text[],
+    content_types text[], dataschemas text[], correlation_ids text[], causation_ids text[],
+    traceparents text[], tracestates text[], datas bytea[]
+) RETURNS TABLE (outcome integer, stream_version integer, last_position bigint)
+LANGUAGE plpgsql AS $append$
+DECLARE
+    i integer;
+    lo integer := 1;
+    hi integer;
+    found_stream text;
+    found_version integer;
+    stored_ids text[];
+    at_version integer;
+    newest bigint;
+BEGIN
+    IF lock_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(lock_key);
+    END IF;
+    FOR i IN 1 .. coalesce(array_length(streams, 1), 0) LOOP
+        hi := lo + counts[i] - 1;
+        SELECT e.stream_id, e.version INTO found_stream, found_version
+            FROM {s}.events e WHERE e.id = ids[lo];
+        IF FOUND THEN
+            outcome := 3;  -- the first id is stored: the same append again, or a conflict
+            stream_version := NULL;
+            last_position := NULL;
+            IF found_stream = streams[i] THEN
+                SELECT array_agg(t.id ORDER BY t.version), max(t.version), max(t.position)
+                    INTO stored_ids, stream_version, last_position
+                    FROM (SELECT e.id, e.version, e.position FROM {s}.events e
+                          WHERE e.stream_id = streams[i] AND e.version >= found_version
+                          ORDER BY e.version LIMIT counts[i]) t;
+                IF stored_ids = ids[lo:hi] THEN
+                    outcome := 2;
+                END IF;
+            END IF;
+        ELSE
+            SELECT coalesce(max(e.version), 0) INTO at_version
+                FROM {s}.events e WHERE e.stream_id = streams[i];
+            IF expected[i] IS NOT NULL AND expected[i] <> at_version THEN
+                outcome := 1;  -- the stream is at another version
+                stream_version := at_version;
+                last_position := NULL;
+            ELSE
+                WITH ins AS (
+                    INSERT INTO {s}.events (stream_id, version, id, type, source, time,
+                        subject, content_type, dataschema, correlation_id, causation_id,
+                        traceparent, tracestate, data)
+                    SELECT streams[i], at_version + u.n, u.id, u.type, u.source, u.time,
+                        u.subject, u.content_type, u.dataschema, u.correlation_id,
+                        u.causation_id, u.traceparent, u.tracestate, u.data
+                    FROM unnest(ids[lo:hi], types[lo:hi], sources[lo:hi], times[lo:hi],
+                        subjects[lo:hi], content_types[lo:hi], dataschemas[lo:hi],
+                        correlation_ids[lo:hi], causation_ids[lo:hi], traceparents[lo:hi],
+                        tracestates[lo:hi], datas[lo:hi])
+                        WITH ORDINALITY AS u(id, type, source, time, subject, content_type,
+                            dataschema, correlation_id, causation_id, traceparent,
+                            tracestate, data, n)
+                    ORDER BY u.n
+                    RETURNING events.position
+                )
+                SELECT max(ins.position) INTO newest FROM ins;
+                outcome := 0;
+                stream_version := at_version + counts[i];
+                last_position := newest;
+            END IF;
+        END IF;
+        RETURN NEXT;
+        lo := hi + 1;
+    END LOOP;
+    IF newest IS NOT NULL THEN
+        PERFORM pg_notify(channel, newest::text);
+    END IF;
+END
+$append$;
 """
 
 _ROW = tuple[Any, ...]
 _Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+# outcomes of one append in ``append_events``
+_APPENDED, _OTHER_VERSION, _REPEATED, _ID_STORED = 0, 1, 2, 3
 
 
 class _Append:
@@ -129,28 +210,19 @@ class PostgresEventStore(EventStore):
         self._dsn = dsn
         s = settings.schema
         self._schema = s
+        self.namespace = f"{s}."
         # Turning this off gives the naive design (positions in request order, not
         # commit order) that readers of the global log can skip events with; it
         # exists so the test of that pitfall can show it fails there.
         self._serialize = serialize_appends
         digest = hashlib.blake2b(f"nervus_events.{s}".encode(), digest_size=8).digest()
         self._lock_key = int.from_bytes(digest, "big", signed=True)
-        self._sql_version = (
-            f"SELECT s, (SELECT max(version) FROM {s}.events WHERE stream_id = s) "
-            "FROM unnest($1::text[]) AS s"
-        )
         self._sql_ids = (
             f"SELECT id, stream_id, version, position FROM {s}.events WHERE id = ANY($1)"
         )
-        self._sql_insert = (
-            f"WITH ins AS (INSERT INTO {s}.events (stream_id, version, id, type, source, time, "
-            "subject, content_type, dataschema, correlation_id, causation_id, traceparent, "
-            "tracestate, data) SELECT * FROM unnest($1::text[], $2::int[], $3::text[], "
-            "$4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], "
-            "$10::text[], $11::text[], $12::text[], $13::text[], $14::bytea[]) "
-            "RETURNING position) "
-            "SELECT array_agg(position ORDER BY position), pg_notify($15, max(position)::text) "
-            "FROM ins"
+        self._sql_append = (
+            f"SELECT outcome, stream_version, last_position FROM {s}.append_events($1, $2, "
+            "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         )
         self._pool: asyncpg.Pool | None = None
         self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
@@ -187,6 +259,7 @@ class PostgresEventStore(EventStore):
                     max_size=self.settings.pool_size,
                     timeout=timeout,
                     command_timeout=None,
+                    reset=_keep_session,
                 ),
                 timeout,
             )
@@ -267,12 +340,13 @@ class PostgresEventStore(EventStore):
         return await self._appends.submit(_Append(stream_id, rows, expected_version))
 
     async def _append_group(self, ops: Sequence[_Append]) -> list[AppendResult | StoreError]:
+        """One statement, so one round trip and its own transaction: the function
+        ``append_events`` takes the lock, checks and inserts every append in order."""
         pool = self._check()
         try:
             async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
                 try:
-                    async with conn.transaction():
-                        results = await self._append_in(conn, ops, alone=len(ops) == 1)
+                    results = await self._append_in(conn, ops)
                 except asyncpg.UniqueViolationError:
                     if len(ops) > 1:
                         raise  # each append runs alone, with the idempotency check first
@@ -283,68 +357,32 @@ class PostgresEventStore(EventStore):
         return results
 
     async def _append_in(
-        self, conn: _Conn, ops: Sequence[_Append], *, alone: bool
+        self, conn: _Conn, ops: Sequence[_Append]
     ) -> list[AppendResult | StoreError]:
-        if self._serialize:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-        known: dict[str, tuple[str, int, int]] = {}
-        if alone:  # a repeated append is found before anything is written
-            known = await self._stored_ids(conn, [op.rows[0][0] for op in ops])
-        streams = list({op.stream_id: None for op in ops})
-        versions = {s: v or 0 for s, v in await conn.fetch(self._sql_version, streams)}
-        results: list[AppendResult | StoreError | None] = []
-        columns: list[list[Any]] = [[] for _ in range(14)]
-        pending: list[tuple[int, str, int, int]] = []  # result index, stream, version, events
-        for op in ops:
-            first = known.get(op.rows[0][0])
-            if first is not None:
-                results.append(await self._repeated(conn, op, first))
-                continue
-            actual = versions[op.stream_id]
-            if op.expected is not None and op.expected != actual:
-                stored = await self._stored_ids(conn, [op.rows[0][0]])
-                if stored:
-                    results.append(await self._repeated(conn, op, stored[op.rows[0][0]]))
-                else:
-                    results.append(ConcurrencyError(op.stream_id, op.expected, actual))
-                continue
-            for n, row in enumerate(op.rows, start=actual + 1):
-                columns[0].append(op.stream_id)
-                columns[1].append(n)
-                for i, value in enumerate(row, start=2):
-                    columns[i].append(value)
-            versions[op.stream_id] = actual + len(op.rows)
-            pending.append((len(results), op.stream_id, versions[op.stream_id], len(op.rows)))
-            results.append(None)
-        if pending:
-            inserted = await conn.fetchrow(self._sql_insert, *columns, self.settings.notify_channel)
-            assert inserted is not None
-            positions: list[int] = inserted[0]
-            taken = 0
-            for index, stream_id, version, count in pending:
-                taken += count
-                results[index] = AppendResult(stream_id, version, positions[taken - 1])
-        return [r for r in results if r is not None]
+        """Run the appends in ``conn``'s transaction (its own one when none is open)."""
+        rows = [row for op in ops for row in op.rows]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        outcomes = await conn.fetch(
+            self._sql_append,
+            self._lock_key if self._serialize else None,
+            self.settings.notify_channel,
+            [op.stream_id for op in ops],
+            [op.expected for op in ops],
+            [len(op.rows) for op in ops],
+            *columns,
+        )
+        results: list[AppendResult | StoreError] = []
+        for op, (outcome, version, position) in zip(ops, outcomes, strict=True):
+            if outcome in (_APPENDED, _REPEATED):
+                results.append(AppendResult(op.stream_id, version, position))
+            elif outcome == _OTHER_VERSION and op.expected is not None:
+                results.append(ConcurrencyError(op.stream_id, op.expected, version))
+            else:  # _ID_STORED
+                results.append(await self._id_conflict(conn, op))
+        return results
 
     async def _stored_ids(self, conn: _Conn, ids: list[str]) -> dict[str, tuple[str, int, int]]:
         return {r[0]: (r[1], r[2], r[3]) for r in await conn.fetch(self._sql_ids, ids)}
-
-    async def _repeated(
-        self, conn: _Conn, op: _Append, first: tuple[str, int, int]
-    ) -> AppendResult | StoreError:
-        """The first event's id is stored: the same append again is a no-op."""
-        stream_id, version, _ = first
-        if stream_id == op.stream_id:
-            stored = await conn.fetch(
-                f"SELECT id, version, position FROM {self._schema}.events "
-                "WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3",
-                stream_id,
-                version,
-                len(op.rows),
-            )
-            if [r[0] for r in stored] == [row[0] for row in op.rows]:
-                return AppendResult(stream_id, stored[-1][1], stored[-1][2])
-        return await self._id_conflict(conn, op)
 
     async def _id_conflict(self, conn: _Conn, op: _Append) -> StoreError:
         stored = await self._stored_ids(conn, [row[0] for row in op.rows])
@@ -366,8 +404,16 @@ class PostgresEventStore(EventStore):
         try:
             async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
                 tx = PostgresTransaction(self, conn)
-                async with conn.transaction():
-                    yield tx
+                try:
+                    async with conn.transaction():
+                        yield tx
+                finally:
+                    # what the caller's SQL may have changed in the session goes, as
+                    # asyncpg's own reset would do (the pool's is skipped, see _keep_session)
+                    try:
+                        await conn.execute(conn.get_reset_query())
+                    except Exception:
+                        conn.terminate()  # the pool replaces it
         except Exception as exc:
             error = self._error(exc, "commit a transaction")
             if error is exc:
@@ -427,7 +473,7 @@ class PostgresEventStore(EventStore):
 
     async def subscribe(
         self, after: int = 0, *, batch: int = 1000
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         self._check()
         while not self._closed:
             await self._listen()
@@ -533,6 +579,7 @@ class PostgresTransaction(StoreTransaction):
         """The transaction's asyncpg connection, for statements in its own style."""
         self.appended = False
         schema = store.settings.schema
+        self.namespace = f"{schema}."
         self._sql_load = f"SELECT position FROM {schema}.checkpoints WHERE name = $1"
         self._sql_seed = (
             f"INSERT INTO {schema}.checkpoints (name, position) VALUES ($1, 0) "
@@ -551,7 +598,7 @@ class PostgresTransaction(StoreTransaction):
         store, conn = self._store, self.connection
         try:
             async with conn.transaction():  # a savepoint: a refused append leaves the rest
-                result = (await store._append_in(conn, [op], alone=True))[0]
+                result = (await store._append_in(conn, [op]))[0]
         except asyncpg.UniqueViolationError:
             result = await store._id_conflict(conn, op)
         if isinstance(result, StoreError):
@@ -575,6 +622,13 @@ class PostgresTransaction(StoreTransaction):
         await self.connection.execute(self._sql_seed, name)
         status = await self.connection.execute(self._sql_move, name, expected, position)
         return bool(status == "UPDATE 1")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing. The store's own statements leave no
+    session state (asyncpg has rolled back any open transaction already), so the
+    default reset would only add a round trip to every append and read; connections
+    lent to a caller's ``transaction()`` are reset there."""
 
 
 def _rows(stream_id: str, events: Sequence[Envelope], expected_version: int | None) -> list[_ROW]:

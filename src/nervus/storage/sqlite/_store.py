@@ -16,7 +16,7 @@ import contextlib
 import functools
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -215,7 +215,7 @@ class SqliteEventStore(EventStore):
 
     async def subscribe(
         self, after: int = 0, *, batch: int = 1000
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         self._check()
         while not self._closed:
             seen = self._changes.version

@@ -61,6 +61,7 @@ class SqliteTransactions:
 
 class SqliteTransaction(StoreTransaction):
     dialect = "sqlite"
+    namespace = ""
 
     def __init__(
         self,
