@@ -9,12 +9,13 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import DataError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from nervus.errors import TransportError, TransportUnavailable
@@ -50,6 +51,42 @@ def version_of(text: str) -> tuple[int, int]:
 _MAX_CONNECTIONS = 64  # per transport; calls beyond it wait their turn
 
 
+class _PackedByHiredis:
+    """Commands written by hiredis (C), as redis-py's blocking client does, instead of
+    its asyncio client's Python packer: about a microsecond per XADD instead of
+    five to nine, the same bytes."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if isinstance(name, str):  # a name of several words ("CLIENT SETNAME") is split
+            args = (*name.encode().split(), *args[1:])
+        elif b" " in name:
+            args = (*name.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            pass
+        args = tuple(bytes(a) if isinstance(a, bytearray) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:  # what redis-py raises for a value it cannot send
+            raise DataError(str(exc)) from exc
+
+
+class _TcpConnection(_PackedByHiredis, aioredis.Connection):
+    pass
+
+
+class _TlsConnection(_PackedByHiredis, aioredis.SSLConnection):
+    pass
+
+
+_PACKED_BY_HIREDIS: dict[type[Any], type[Any]] = {
+    aioredis.Connection: _TcpConnection,
+    aioredis.SSLConnection: _TlsConnection,
+}
+
+
 class Connection:
     """A pooled client to one Redis server and the scripts registered on it."""
 
@@ -69,6 +106,7 @@ class Connection:
             # entries pending that nobody saw; failures surface and are handled here.
             retry=Retry(NoBackoff(), 0),
         )
+        pool.connection_class = _PACKED_BY_HIREDIS.get(pool.connection_class, pool.connection_class)
         self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         self.renew: AsyncScript = self.client.register_script(_scripts.RENEW)
         self.leave: AsyncScript = self.client.register_script(_scripts.LEAVE)

@@ -95,11 +95,11 @@ def id_before(offset: int) -> str:
     return "0-0"
 
 
-def xadd_fields(key: str | None, headers: dict[str, str], body: bytes) -> tuple[bytes, ...]:
-    """The field and value arguments of the ``XADD`` of a message."""
+def append_args(key: str | None, headers: dict[str, str], body: bytes) -> tuple[bytes, ...]:
+    """The arguments of a message to the ``APPEND`` script: headers, body, key flag, key."""
     if key is None:
-        return (HEADERS, headers_encoder.encode(headers), BODY, body)
-    return (HEADERS, headers_encoder.encode(headers), BODY, body, KEY, key.encode())
+        return (headers_encoder.encode(headers), body, b"", b"")
+    return (headers_encoder.encode(headers), body, b"1", key.encode())
 
 
 def delivery_of(

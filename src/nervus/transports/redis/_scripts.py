@@ -2,6 +2,36 @@
 
 from __future__ import annotations
 
+# Appends messages, an XADD each, answering once for all (a pipeline of XADDs costs
+# the client a reply each). An XADD that fails does not stop the others.
+# KEYS: the stream of each message
+# ARGV: trim ('MAXLEN', 'MINID' or ''), its threshold, then per message: headers,
+# body, '1' if it has a key else '', the key
+# Returns per message its entry id or its error.
+APPEND = """
+local trim, threshold = ARGV[1], ARGV[2]
+local out = {}
+for i = 1, #KEYS do
+  local a = i * 4 - 1
+  local headers, body = ARGV[a], ARGV[a + 1]
+  if trim == '' then
+    if ARGV[a + 2] == '' then
+      out[i] = redis.pcall('XADD', KEYS[i], '*', 'headers', headers, 'body', body)
+    else
+      out[i] = redis.pcall('XADD', KEYS[i], '*', 'headers', headers, 'body', body,
+        'key', ARGV[a + 3])
+    end
+  elseif ARGV[a + 2] == '' then
+    out[i] = redis.pcall('XADD', KEYS[i], trim, '~', threshold, '*', 'headers', headers,
+      'body', body)
+  else
+    out[i] = redis.pcall('XADD', KEYS[i], trim, '~', threshold, '*', 'headers', headers,
+      'body', body, 'key', ARGV[a + 3])
+  end
+end
+return out
+"""
+
 # KEYS: members, subscribed, owners, generation
 # ARGV: member, lease ms, JSON [[escaped channel, partitions, shift], ...], JSON [escaped channel]
 # Returns {flat list of (channel index, partition) owned, waiting 0/1, generation}.
