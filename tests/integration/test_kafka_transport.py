@@ -358,3 +358,51 @@ async def test_cancelled_fetch_loses_nothing(transport: Transport) -> None:
     )
     got = await consume(sub, 5)
     assert sorted(int(d.body) for d in got) == list(range(5))
+
+
+# -- membership while the caller is busy ----------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_member_joins_while_the_first_one_is_busy(kafka_url: str) -> None:
+    """The first member fetches once and then stops fetching (its handlers are all
+    busy, its read-ahead buffer full). A second member joining the group still gets
+    its share of the partitions in bounded time, far sooner than
+    ``max_poll_interval`` (which bounds a rebalance the first member does not
+    serve); and once the first member goes on, every message reaches one of them."""
+    url = f"{kafka_url}?{FAST}&max_poll_interval=120"
+    channel, group = unique("busy"), unique("group")
+    messages = [OutgoingMessage(key=f"k{n}", headers={}, body=str(n).encode()) for n in range(200)]
+    first, second = from_url(url), from_url(url)
+    async with first, second:
+        await first.ensure_channel(channel, 4)
+        await first.publish(channel, messages)
+        busy = await first.subscribe([channel], group, max_in_flight=5)
+        held = await consume(busy, 5, ack=False)  # then no fetch for a long while
+        assert len(busy.assignment()) == 4
+        await asyncio.sleep(1.0)  # long past the point where its buffer is full
+
+        joined_at = time.monotonic()
+        late = await second.subscribe([channel], group, max_in_flight=50)
+        async with asyncio.timeout(30):
+            while not late.assignment() or len(busy.assignment()) == 4:
+                await asyncio.sleep(0.05)
+        took = time.monotonic() - joined_at
+        assert took < 20, f"the second member waited {took:.1f} s for its partitions"
+        async with asyncio.timeout(TIMEOUT):
+            while len(busy.assignment() | late.assignment()) != 4:
+                await asyncio.sleep(0.05)
+        assert not busy.assignment() & late.assignment()
+
+        # The first member finishes its busy spell; settling what it read from a
+        # partition it gave up changes nothing (the second member reads it again).
+        await busy.ack(held)
+        seen = {int(d.body) for d in held if (channel, d.partition) in busy.assignment()}
+        async with asyncio.timeout(TIMEOUT):
+            while len(seen) < len(messages):
+                for sub in (busy, late):
+                    batch = await sub.fetch(50, 0.05)
+                    seen.update(int(d.body) for d in batch)
+                    if batch:
+                        await sub.ack(batch)
+        assert seen == set(range(len(messages)))
