@@ -1,7 +1,9 @@
 """One side of the store benchmark in a process of its own (so its CPU time is its
-own): runs every step on its database and prints one JSON line of timings.
+own), on a database of its own: it opens the side, prints ``{"ready": true}``, then
+runs each step asked on stdin (one JSON line: step, start, count ...) and answers
+with one JSON line of timings, until ``quit``.
 
-    python -m benchmarks._store_worker SIDE STORE TARGET [options]
+    python -m benchmarks._store_worker SIDE STORE TARGET [--schema NAME]
 
 SIDE is nervus, raw or eventsourcing; STORE is sqlite (TARGET: a file path) or
 postgres (TARGET: a PostgreSQL URL; ``--schema`` names the fresh schema to use).
@@ -12,12 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from benchmarks._store_sides import (
-    ORDER_EVENTS,
     EventsourcingSide,
     NervusSide,
     RawPostgresSide,
@@ -66,49 +68,55 @@ async def create_tables(args: argparse.Namespace) -> None:
         pass
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.figures: dict[str, dict[str, Any]] = {}
-
-    async def step(self, name: str, operations: int, work: Any) -> Any:
-        cpu, wall = time.process_time(), time.perf_counter()
-        result = await work
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if isinstance(result, int):
-            operations = result
-        self.figures[name] = {
-            "operations": operations,
-            "seconds": round(wall, 4),
-            "per_s": round(operations / wall, 1),
-            "cpu_us_per_operation": round(cpu / operations * 1e6, 1),
-        }
-        return result
+STEPS = ("append_one", "append_many", "seed", "cycles", "read_all")
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def step(side: Side, request: dict[str, Any]) -> dict[str, Any]:
+    """Run one step and time it: wall seconds, CPU seconds of the process (all its
+    threads) and how many operations it did."""
+    name, start, count = request["step"], request.get("start", 0), request.get("count", 0)
+    if name == "append_one":
+        work = side.append_one(start, count)
+    elif name == "append_many":
+        work = side.append_many(start, count, request["width"])
+    elif name == "seed":
+        work = side.seed(start, count)
+    elif name == "cycles":
+        work = side.cycles(start, count)
+    elif name == "read_all":
+        work = side.read_all(request["page"])
+    else:
+        raise ValueError(f"unknown step {name!r}; steps are {STEPS}")
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = await work
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "operations": result if isinstance(result, int) else count,
+        "seconds": wall,
+        "cpu_s": cpu,
+    }
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Answer each request line (JSON) of stdin with one JSON line, until ``quit``."""
     if args.side == "raw":
         await create_tables(args)
     side = build(args)
-    timer = Timer()
-    n = args.commands
     await side.open()
+    loop = asyncio.get_running_loop()
     try:
-        await timer.step("append_one", n, side.append_one(0, n))
-        await timer.step("append_many", n, side.append_many(n, n, args.width))
-        first = 2 * n
-        await timer.step("seed", args.cycles, side.seed(first, args.cycles))
-        await timer.step("cycles", args.cycles, side.cycles(first, args.cycles))
-        stored = 2 * n + args.cycles * (ORDER_EVENTS + 1)
-        rest = max(0, args.events - stored)
-        orders = -(-rest // ORDER_EVENTS)
-        await timer.step("fill", orders, side.seed(first + args.cycles, orders))
-        expected = stored + orders * ORDER_EVENTS
-        read = await timer.step("read_all", expected, side.read_all(args.page))
-        if read != expected:
-            raise RuntimeError(f"{args.side} read {read} events, {expected} were stored")
+        print(json.dumps({"ready": True}), flush=True)
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line or line.strip() == "quit":
+                return
+            try:
+                answer = await step(side, json.loads(line))
+            except Exception as exc:
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(answer), flush=True)
     finally:
         await side.close()
-    return timer.figures
 
 
 def main() -> None:
@@ -117,13 +125,7 @@ def main() -> None:
     parser.add_argument("store", choices=["sqlite", "postgres"])
     parser.add_argument("target")
     parser.add_argument("--schema", default="")
-    parser.add_argument("--commands", type=int, required=True)
-    parser.add_argument("--width", type=int, required=True)
-    parser.add_argument("--cycles", type=int, required=True)
-    parser.add_argument("--events", type=int, required=True)
-    parser.add_argument("--page", type=int, required=True)
-    args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args))), flush=True)
+    asyncio.run(serve(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ eventsourcing library, in the same run on the same database; prints one JSON doc
 
     python -m benchmarks.store --store sqlite|postgres [--events N] [--repeat N] [--url URL]
 
-Figures (each side in a process of its own, on a fresh file or schema of its own):
+Figures (each side in a process of its own, on a fresh file or schema of its own;
+the sides take turns, ``--chunks`` turns per figure, so load changes hit all alike):
 
 ``append_one``   single-event commands on new aggregates, issued one at a time
 ``append_many``  the same, ``--width`` (64) at a time from one process
@@ -33,7 +34,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from benchmarks._store_sides import EventsourcingSide, NervusSide, RawPostgresSide, RawSqliteSide
+from benchmarks._store_sides import (
+    ORDER_EVENTS,
+    EventsourcingSide,
+    NervusSide,
+    RawPostgresSide,
+    RawSqliteSide,
+)
 
 SIDES = ("nervus", "raw", "eventsourcing")
 FIGURES = ("append_one", "append_many", "cycles", "read_all")
@@ -54,59 +61,133 @@ TARGETS: dict[str, dict[str, tuple[str, float]]] = {
 }
 
 
-def run_side(
-    args: argparse.Namespace, side: str, workdir: Path, token: str, n: int
-) -> dict[str, Any]:
-    """One side's figures, from a process of its own; its database is removed after."""
-    options = [
-        "--commands",
-        str(args.commands),
-        "--width",
-        str(args.width),
-        "--cycles",
-        str(args.cycles),
-        "--events",
-        str(args.events),
-        "--page",
-        str(args.page),
-    ]
-    if args.store == "sqlite":
-        target = workdir / f"{side}-{n}.db"
-        command = [str(target)]
-    else:
-        schema = f"bench_store_{token}_{side}_{n}"
-        command = [args.url, "--schema", schema]
-        _postgres(args.url, f"CREATE SCHEMA {schema}")
-    try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks._store_worker",
-                side,
-                args.store,
-                *command,
-                *options,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=args.timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"{side} did not finish within {args.timeout} s"}
-    finally:
+class Worker:
+    """One side's process (``benchmarks._store_worker``) on a database of its own."""
+
+    def __init__(self, args: argparse.Namespace, side: str, workdir: Path, name: str) -> None:
+        self.side = side
+        self.args = args
         if args.store == "sqlite":
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(f"{target}{suffix}")
+            self.target = str(workdir / f"{name}.db")
+            command = [self.target]
         else:
-            _postgres(args.url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    if done.returncode != 0 or not done.stdout.strip():
-        tail = done.stderr.strip().splitlines()[-5:]
-        return {"error": f"{side} exited with {done.returncode}: " + " | ".join(tail)}
-    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return figures
+            self.target = name
+            _postgres(args.url, f"CREATE SCHEMA {name}")
+            command = [args.url, "--schema", name]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._store_worker", side, args.store, *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._answer()  # ready
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            code = self.process.wait(self.args.timeout)
+            assert self.process.stderr is not None
+            tail = self.process.stderr.read().strip().splitlines()[-5:]
+            raise RuntimeError(f"{self.side} exited with {code}: " + " | ".join(tail))
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"{self.side}: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        """Stop the process and remove its database."""
+        try:
+            if self.process.poll() is None:
+                assert self.process.stdin is not None
+                self.process.stdin.write("quit\n")
+                self.process.stdin.flush()
+                self.process.wait(self.args.timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        finally:
+            if self.args.store == "sqlite":
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(f"{self.target}{suffix}")
+            else:
+                _postgres(self.args.url, f"DROP SCHEMA IF EXISTS {self.target} CASCADE")
+
+
+def run_round(args: argparse.Namespace, workdir: Path, token: str, n: int) -> dict[str, Any]:
+    """One round: the three sides take turns, chunk by chunk, through every figure,
+    so a change in the machine's load falls on all of them alike."""
+    order = SIDES[n % 3 :] + SIDES[: n % 3]  # each round starts with another side
+    workers: dict[str, Worker] = {}
+    totals = {side: {f: [0, 0.0, 0.0] for f in FIGURES} for side in SIDES}
+
+    def timed(figure: str, side: str, **request: Any) -> None:
+        answer = workers[side].ask(**request)
+        total = totals[side][figure]
+        total[0] += answer["operations"]
+        total[1] += answer["seconds"]
+        total[2] += answer["cpu_s"]
+
+    try:
+        for side in order:
+            workers[side] = Worker(args, side, workdir, f"bench_store_{token}_{side}_{n}")
+        chunks, width = args.chunks, args.width
+        size = -(-args.commands // chunks)
+        cycle_size = -(-args.cycles // chunks)
+        for c in range(chunks):
+            for side in order:
+                timed("append_one", side, step="append_one", start=c * size, count=size)
+        first = chunks * size
+        for c in range(chunks):
+            for side in order:
+                start = first + c * size
+                timed("append_many", side, step="append_many", start=start, count=size, width=width)
+        first += chunks * size
+        for side in order:  # orders of 10 events to load (not timed)
+            workers[side].ask(step="seed", start=first, count=chunks * cycle_size)
+        for c in range(chunks):
+            for side in order:
+                start = first + c * cycle_size
+                timed("cycles", side, step="cycles", start=start, count=cycle_size)
+        stored = first + chunks * cycle_size * (ORDER_EVENTS + 1)
+        first += chunks * cycle_size
+        more = max(0, -(-(args.events - stored) // ORDER_EVENTS))
+        for side in order:  # more orders until the log holds --events (not timed)
+            workers[side].ask(step="seed", start=first, count=more)
+        expected = stored + more * ORDER_EVENTS
+        for _ in range(args.read_passes):
+            for side in order:
+                timed("read_all", side, step="read_all", page=args.page)
+        for side in order:
+            read = totals[side]["read_all"][0]
+            if read != expected * args.read_passes:
+                raise RuntimeError(
+                    f"{side} read {read} events in {args.read_passes} passes of {expected}"
+                )
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {
+        side: {
+            figure: {
+                "operations": ops,
+                "per_s": ops / seconds,
+                "cpu_us_per_operation": cpu / ops * 1e6,
+            }
+            for figure, (ops, seconds, cpu) in figures.items()
+        }
+        for side, figures in totals.items()
+    }
 
 
 def _postgres(url: str, sql: str) -> None:
@@ -122,9 +203,9 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], store: str) -> dict[str, 
     for figure in FIGURES:
         entry: dict[str, Any] = {}
         for side in SIDES:
-            values = [r[side][figure] for r in rounds if figure in r.get(side, {})]
+            values = [r[side][figure] for r in rounds if "error" not in r]
             if not values:
-                errors = [r[side]["error"] for r in rounds if "error" in r.get(side, {})]
+                errors = [r["error"] for r in rounds if "error" in r]
                 entry[side] = {"error": errors[0] if errors else "not measured"}
                 continue
             entry[side] = {
@@ -141,6 +222,11 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], store: str) -> dict[str, 
             theirs = entry[other].get("per_s")
             if nervus and theirs:
                 ratios[f"nervus_to_{other}"] = round(nervus / theirs, 3)
+                ratios[f"nervus_to_{other}_each_round"] = [
+                    round(r["nervus"][figure]["per_s"] / r[other][figure]["per_s"], 3)
+                    for r in rounds
+                    if "error" not in r
+                ]
         entry["ratios"] = ratios
         target = TARGETS[store].get(figure)
         if target is not None:
@@ -174,6 +260,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "events_read": args.events,
         "page": args.page,
         "rounds": args.repeat,
+        "turns_per_figure": args.chunks,
+        "read_passes": args.read_passes,
         "how": how,
         "versions": {"eventsourcing": version("eventsourcing")},
     }
@@ -223,8 +311,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=1000, help="load-decide-append cycles")
     parser.add_argument("--page", type=int, default=1000, help="events per read_all page")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; figures are medians")
+    parser.add_argument(
+        "--chunks", type=int, default=4, help="turns each side takes per figure in a round"
+    )
+    parser.add_argument(
+        "--read-passes", type=int, default=3, help="times each side reads the whole log"
+    )
     parser.add_argument("--dir", default=None, help="where the SQLite files go (sqlite)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per side and round")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds a side may take to stop"
+    )
     args = parser.parse_args(argv)
 
     token = uuid.uuid4().hex[:8]
@@ -241,12 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     rounds: list[dict[str, dict[str, Any]]] = []
     try:
         for n in range(args.repeat):
-            # each round starts with another side, so no side always runs first
-            order = SIDES[n % 3 :] + SIDES[: n % 3]
-            rounds.append({side: run_side(args, side, workdir, token, n) for side in order})
+            rounds.append(run_round(args, workdir, token, n))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     document["figures"] = summarize(rounds, args.store)
+    document["errors"] = [r["error"] for r in rounds if "error" in r]
     document["meets_targets"] = document["figures"].pop("meets_targets")
     document["machine"]["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(document, indent=2))
