@@ -145,14 +145,21 @@ async def test_conflicts_beyond_max_retries_raise(store: EventStore) -> None:
 async def test_a_command_delivered_twice_appends_once(store: EventStore) -> None:
     carts = Repository(store, Cart)
     command = Envelope.new(type="test.domain.add-item.v1", source="client", data=b"{}")
-    first = await carts.execute("c4", lambda cart: cart.add("c4", "lamp", 4000), cause=command)
-    again = await carts.execute("c4", lambda cart: cart.add("c4", "lamp", 4000), cause=command)
+    first = await carts.execute(
+        "c4", lambda cart: cart.add("c4", "lamp", 4000), cause=command, deduplicate=True
+    )
+    again = await carts.execute(
+        "c4", lambda cart: cart.add("c4", "lamp", 4000), cause=command, deduplicate=True
+    )
     assert (first.repeated, again.repeated) == (False, True)
     assert (again.version, again.position) == (first.version, first.position)
     stored = await store.read_stream("cart-c4")
     assert len(stored) == 1
     assert stored[0].envelope.causationid == command.id
     assert stored[0].envelope.correlationid == command.id
+    # one cause may lead to several commands on one aggregate: without deduplicate
+    third = await carts.execute("c4", lambda cart: cart.add("c4", "bulb", 5), cause=command)
+    assert (third.repeated, third.version) == (False, 2)
 
 
 async def test_snapshots_are_taken_every_n_and_used_on_load(store: EventStore) -> None:

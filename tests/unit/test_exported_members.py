@@ -22,6 +22,7 @@ PUBLIC = {
         "SystemClock",
         "TypeRegistry",
         "channel_of",
+        "channel_of_type",
         "new_id",
         "type_name",
         "uuid7",

@@ -9,6 +9,7 @@ from nervus.core._event import (
     Message,
     TypeRegistry,
     channel_of,
+    channel_of_type,
     type_name,
 )
 from nervus.core._ids import new_id, uuid7, uuid7_time_ms
@@ -25,6 +26,7 @@ __all__ = [
     "SystemClock",
     "TypeRegistry",
     "channel_of",
+    "channel_of_type",
     "new_id",
     "type_name",
     "uuid7",

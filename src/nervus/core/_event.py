@@ -113,6 +113,13 @@ def channel_of(cls: type[Message]) -> str:
     return cls.__message_channel__
 
 
+def channel_of_type(name: str, registry: TypeRegistry | None = None) -> str:
+    """The channel events of the type ``name`` travel on: their class's, or for a type
+    no class declares (a stored event of removed code), the default for its name."""
+    cls = (registry or REGISTRY).get(name)
+    return cls.__message_channel__ if cls is not None else _default_channel(name)
+
+
 class TypeRegistry:
     """Maps type names to classes. One per process; every declared class registers itself."""
 

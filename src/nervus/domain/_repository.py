@@ -7,12 +7,14 @@ retries from the load when another writer appended first (``ConcurrencyError``),
 after a short random pause, at most ``max_retries`` times. A ``DomainError``
 from the decision ends the call with nothing appended.
 
-Commands delivered twice
-    With ``cause`` (the envelope of the command being executed), the new events
-    carry the command's id as their causation id and join its correlation. If the
-    events loaded already include one caused by that command, the command was
-    executed before (a redelivery): nothing is decided or appended again and the
-    earlier result is returned.
+Conversations and commands delivered twice
+    With ``cause`` (the message being handled), the new events join its
+    conversation: its correlation id, and its id as their causation id. When the
+    cause is the command message itself, ``deduplicate=True`` makes a redelivery
+    harmless: if the events loaded already include one caused by that message, the
+    command was executed before, and the earlier result is returned without
+    deciding or appending again. (Not for a cause that may lead to several
+    commands on one aggregate, such as an event whose handler executes two.)
 
 Snapshots
     With ``snapshot_every=N``, each append that crosses a multiple of N versions
@@ -133,13 +135,18 @@ class Repository(Generic[A]):
             return self.aggregate(), 0
 
     async def execute(
-        self, aggregate_id: str, decide: Decision[A], *, cause: Envelope | None = None
+        self,
+        aggregate_id: str,
+        decide: Decision[A],
+        *,
+        cause: Envelope | None = None,
+        deduplicate: bool = False,
     ) -> CommandResult:
         """Load, decide, append; retried from the load on a concurrent append."""
         attempt = 0
         while True:
             loaded = await self.load(aggregate_id)
-            if cause is not None and cause.id in loaded.causes:
+            if deduplicate and cause is not None and cause.id in loaded.causes:
                 return await self._earlier_result(loaded, cause)
             produced = decide(loaded.aggregate)
             if inspect.isawaitable(produced):

@@ -254,6 +254,8 @@ class GroupConsumer:
                     runs,
                     exc,
                 )
+                if isinstance(exc, NervusError) and not exc.retryable:
+                    break  # a refusal (DomainError ...): the same message meets it again
                 continue
             finally:
                 CURRENT.reset(token)
@@ -261,7 +263,8 @@ class GroupConsumer:
             self._settle_wake.set()
             return
         assert error is not None
-        if self._retry.exhausted(d.attempt):
+        permanent = isinstance(error, NervusError) and not error.retryable
+        if permanent or self._retry.exhausted(d.attempt):
             text = "".join(traceback.format_exception(error))
             log.error(
                 "dead-lettering %s %s for group %r after %d deliveries: %r",

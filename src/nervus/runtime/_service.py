@@ -9,11 +9,21 @@ import re
 import signal
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import msgspec
 
-from nervus.core import REGISTRY, SYSTEM_CLOCK, Clock, Message, TypeRegistry, channel_of, type_name
+from nervus.core import (
+    REGISTRY,
+    SYSTEM_CLOCK,
+    Clock,
+    Command,
+    Message,
+    TypeRegistry,
+    channel_of,
+    type_name,
+)
+from nervus.domain import Aggregate, CommandResult, Projection, ProjectionRunner, Repository
 from nervus.errors import ConfigurationError
 from nervus.runtime import _publishing as publishing
 from nervus.runtime._config import Settings
@@ -21,7 +31,10 @@ from nervus.runtime._consumer import GroupConsumer
 from nervus.runtime._context import CURRENT
 from nervus.runtime._handlers import E, Handler, Registration, describe
 from nervus.runtime._outgoing import encode, group_by_channel
+from nervus.runtime._relay import Relay
 from nervus.runtime._retry import RetryPolicy
+from nervus.runtime._sourcing import Sourcing
+from nervus.storage import EventStore
 from nervus.transports import OutgoingMessage, Transport, from_url
 
 log = logging.getLogger("nervus.runtime")
@@ -29,6 +42,9 @@ log = logging.getLogger("nervus.runtime")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 
 _State = Literal["new", "open", "running", "stopping", "closed"]
+
+A = TypeVar("A", bound=Aggregate)
+C = TypeVar("C", bound=Command)
 
 
 class GroupHealth(msgspec.Struct, frozen=True):
@@ -80,6 +96,8 @@ class Service:
         transport: Transport | None = None,
         clock: Clock = SYSTEM_CLOCK,
         registry: TypeRegistry = REGISTRY,
+        store: EventStore | None = None,
+        relay: bool | None = None,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigurationError(
@@ -100,6 +118,10 @@ class Service:
         self._failure: BaseException | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._publish_outage = publishing.Outage()
+        self._sourcing = Sourcing(self)
+        if store is not None:
+            self._sourcing.use_store(store)
+        self._relay = relay
 
     @property
     def state(self) -> str:
@@ -180,6 +202,60 @@ class Service:
     def consumers(self) -> list[GroupConsumer]:
         """The running consumer groups (empty unless started)."""
         return list(self._consumers)
+
+    # -- event sourcing -------------------------------------------------------------
+
+    @property
+    def store(self) -> EventStore:
+        """The event store (built from ``settings.store`` on first use)."""
+        return self._sourcing.store
+
+    def repository(self, aggregate: type[A], *, snapshot_every: int | None = None) -> Repository[A]:
+        """A repository of ``aggregate`` in the service's store."""
+        return self._sourcing.repository(aggregate, snapshot_every=snapshot_every)
+
+    def command(
+        self,
+        command_type: type[C],
+        *,
+        aggregate: type[A],
+        snapshot_every: int | None = None,
+    ) -> Callable[[Callable[[A, C], Any]], Callable[[A, C], Any]]:
+        """Register ``def handler(aggregate, command) -> events`` (plain or async) for
+        ``command_type``, executed on the aggregate its key field names. Commands run
+        in process with ``execute`` and arrive through the transport (group
+        ``<service>.commands``); the events are appended to the store, and the
+        service's relay publishes them."""
+        return self._sourcing.command(command_type, aggregate, snapshot_every)
+
+    async def execute(self, command: Command) -> CommandResult:
+        """Execute ``command`` in process: the aggregate's new version, or the
+        ``DomainError`` its rules raised. Called from a handler, the command's events
+        join the handled message's conversation."""
+        ctx = CURRENT.get()
+        return await self._sourcing.execute(command, cause=None if ctx is None else ctx.envelope)
+
+    def projection(self, projection: Projection, *, batch: int = 500) -> None:
+        """Keep ``projection``'s read model up to date while the service runs."""
+        if self._state != "new":
+            raise ConfigurationError(
+                [f"projection {projection.name!r}: register it before {self.name!r} starts"]
+            )
+        self._sourcing.projection(projection, batch=batch)
+
+    @property
+    def projections(self) -> list[Projection]:
+        """The projections declared on this service."""
+        return self._sourcing.declared_projections
+
+    def projection_runner(self, projection: Projection) -> ProjectionRunner:
+        """A runner of ``projection`` on the service's store (status, rebuild)."""
+        return self._sourcing.runner(projection)
+
+    @property
+    def relay(self) -> Relay | None:
+        """The relay publishing the store's events, while the service runs one."""
+        return self._sourcing.relay
 
     # -- the transport --------------------------------------------------------------
 
@@ -267,6 +343,7 @@ class Service:
                 in_flight=consumer.in_flight,
                 fetching=failing is None,
             )
+        problems += self._sourcing.problems()
         if self._failure is not None:
             problems.append(f"a consumer failed: {self._failure!r}")
         return Health(
@@ -289,6 +366,9 @@ class Service:
         if self._stop_requested is None:
             self._stop_requested = asyncio.Event()
         try:
+            relay = self._relay if self._relay is not None else bool(self._sourcing.commands)
+            if self._sourcing.active or relay:
+                await self._sourcing.start(relay=relay)
             for group, registrations in sorted(self._groups.items()):
                 consumer = GroupConsumer(
                     service=self.name,
@@ -352,8 +432,10 @@ class Service:
                     log.error("closing group %r failed: %r", consumer.group, result)
                     if self._failure is None:
                         self._failure = result
+            await self._sourcing.stop()  # the relay publishes through the transport
             if self._transport is not None:
                 await self._transport.close()
+            await self._sourcing.close()
         finally:
             self._state = "closed"
             log.info("service %r stopped", self.name)
