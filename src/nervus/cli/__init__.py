@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from nervus.cli._projections import app as projections_app
 from nervus.cli._run import run_command
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ def _root() -> None:
 
 
 app.command("run")(run_command)
+app.add_typer(projections_app)
 
 
 def main() -> None:

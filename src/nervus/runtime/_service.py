@@ -23,7 +23,7 @@ from nervus.core import (
     channel_of,
     type_name,
 )
-from nervus.domain import Aggregate, CommandResult, Projection, ProjectionRunner, Repository
+from nervus.domain import Aggregate, CommandResult, Projection, Repository
 from nervus.errors import ConfigurationError
 from nervus.runtime import _publishing as publishing
 from nervus.runtime._config import Settings
@@ -247,10 +247,6 @@ class Service:
     def projections(self) -> list[Projection]:
         """The projections declared on this service."""
         return self._sourcing.declared_projections
-
-    def projection_runner(self, projection: Projection) -> ProjectionRunner:
-        """A runner of ``projection`` on the service's store (status, rebuild)."""
-        return self._sourcing.runner(projection)
 
     @property
     def relay(self) -> Relay | None:

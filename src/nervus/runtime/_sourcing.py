@@ -160,10 +160,6 @@ class Sourcing:
             raise ConfigurationError([f"projection {projection.name!r} is registered twice"])
         self._projections.append((projection, batch))
 
-    def runner(self, projection: Projection) -> ProjectionRunner:
-        """A runner of ``projection`` on the service's store (for status and rebuilds)."""
-        return ProjectionRunner(self.store, projection)
-
     @property
     def declared_projections(self) -> list[Projection]:
         return [p for p, _ in self._projections]
