@@ -44,6 +44,12 @@ from nervus.storage.sqlite._schema import COLUMNS, INSERT, create_schema
 from nervus.storage.sqlite._transaction import SqliteTransactions
 
 _ERRORS = Errors(StoreUnavailable, StoreError)
+# an append's one look before writing: the stream's version, and where the first
+# event's id is stored, if it is (then the append is a repeat or a conflict)
+_LOOKUP = (
+    "SELECT (SELECT max(version) FROM nervus_events WHERE stream_id = ?), "
+    "(SELECT position FROM nervus_events WHERE id = ?)"
+)
 _IDLE_WAIT = 1.0  # s a subscriber waits for a change before looking anyway
 
 
@@ -299,21 +305,28 @@ def _append(
     """Append in the writer's transaction. A refusal decided before writing is
     returned, not raised, so the other appends of the transaction stand; a failure
     while inserting is raised (the writer then commits the others without it)."""
-    first_id = rows[0][2]
-    stored = conn.execute(
-        "SELECT stream_id, version, position FROM nervus_events WHERE id = ?", (first_id,)
-    ).fetchone()
-    if stored is not None:
+    version, stored_at = conn.execute(_LOOKUP, (stream_id, rows[0][2])).fetchone()
+    if stored_at is not None:
+        stored = conn.execute(
+            "SELECT stream_id, version, position FROM nervus_events WHERE position = ?",
+            (stored_at,),
+        ).fetchone()
         return _already_appended(conn, stream_id, rows, stored)
-    actual = _stream_version(conn, stream_id)
+    actual = int(version or 0)
     if expected is not None and expected != actual:
         return ConcurrencyError(stream_id, expected, actual)
-    versioned = [(row[0], actual + n, *row[2:]) for n, row in enumerate(rows, start=1)]
     try:
-        conn.executemany(INSERT, versioned)
+        if len(rows) == 1:
+            position: int | None = conn.execute(
+                INSERT, (stream_id, actual + 1, *rows[0][2:])
+            ).lastrowid
+        else:
+            versioned = [(row[0], actual + n, *row[2:]) for n, row in enumerate(rows, start=1)]
+            conn.executemany(INSERT, versioned)
+            position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
     except sqlite3.IntegrityError as exc:
         raise _id_conflict(conn, stream_id, rows) from exc
-    position = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+    assert position is not None  # set by every INSERT into a rowid table
     return AppendResult(stream_id, actual + len(rows), position)
 
 
