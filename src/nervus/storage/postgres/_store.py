@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -53,6 +54,7 @@ from nervus.errors import (
 )
 from nervus.sql._batch import GroupCommit
 from nervus.sql._placeholders import numbered
+from nervus.storage._ahead import ReadAhead
 from nervus.storage._contract import (
     AppendResult,
     EventStore,
@@ -475,19 +477,26 @@ class PostgresEventStore(EventStore):
         self, after: int = 0, *, batch: int = 1000
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         self._check()
-        while not self._closed:
-            await self._listen()
-            seen = self._change
-            events = await self.read_all(after, batch)
-            if events:
-                after = events[-1].position
-                yield events
-                continue
-            changed = self._changed
-            if changed is None or seen != self._change:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self.settings.poll_interval)
+        ahead = ReadAhead()
+        try:
+            while not self._closed:
+                await self._listen()
+                seen, events = await ahead.take(
+                    functools.partial(self.read_all, after, batch), self._change
+                )
+                if events:
+                    after = events[-1].position
+                    if len(events) == batch:  # catching up: read the next batch meanwhile
+                        ahead.start(self.read_all(after, batch), self._change)
+                    yield events
+                    continue
+                changed = self._changed
+                if changed is None or seen != self._change:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.poll_interval)
+        finally:
+            ahead.cancel()
 
     async def _listen(self) -> None:
         """Keep one connection listening for appends' notifications (best effort:

@@ -33,6 +33,7 @@ from nervus.errors import (
 )
 from nervus.sql._sqlite import Connection, Errors, Writer
 from nervus.sql._watch import Changes
+from nervus.storage._ahead import ReadAhead
 from nervus.storage._contract import (
     AppendResult,
     EventStore,
@@ -223,14 +224,21 @@ class SqliteEventStore(EventStore):
         self, after: int = 0, *, batch: int = 1000
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         self._check()
-        while not self._closed:
-            seen = self._changes.version
-            events = await self.read_all(after, batch)
-            if events:
-                after = events[-1].position
-                yield events
-            else:
-                await self._changes.wait(seen, _IDLE_WAIT)
+        ahead = ReadAhead()
+        try:
+            while not self._closed:
+                seen, events = await ahead.take(
+                    functools.partial(self.read_all, after, batch), self._changes.version
+                )
+                if events:
+                    after = events[-1].position
+                    if len(events) == batch:  # catching up: read the next batch meanwhile
+                        ahead.start(self.read_all(after, batch), self._changes.version)
+                    yield events
+                else:
+                    await self._changes.wait(seen, _IDLE_WAIT)
+        finally:
+            ahead.cancel()
 
     # -- snapshots and checkpoints ------------------------------------------------
 
