@@ -221,7 +221,7 @@ async def test_dead_lettered_after_the_last_attempt_with_the_reason(make_url: Ur
     async with svc:
         await svc.publish(StepDone(job="j", n=42))
         await svc.publish(StepDone(job="other", n=1))
-        await wait_for(lambda: len(runs) == 12)
+        await wait_for(lambda: len(runs) == 12, within=20.0)
         dead: list[Delivery] = []
         async with asyncio.timeout(5):
             while len(dead) < 2:
