@@ -73,6 +73,9 @@ class Side:
     async def append_one(self, start: int, count: int) -> None:
         raise NotImplementedError
 
+    async def prepare(self, width: int) -> None:
+        """Before ``append_many`` is timed: what a side sets up once (connections)."""
+
     async def append_many(self, start: int, count: int, width: int) -> None:
         raise NotImplementedError
 
@@ -105,8 +108,8 @@ class NervusSide(Side):
         "JSON_CODEC, wraps it in Envelope.new and calls append(stream, [envelope], "
         "NO_STREAM); 'many' keeps `width` such calls in flight as asyncio tasks (group "
         "commit); a cycle is read_stream + REGISTRY.resolve + JSON_CODEC.decode per event, "
-        "a fold, then append(..., expected_version=10); reading is read_all pages decoded "
-        "the same way"
+        "a fold, then append(..., expected_version=10); reading is subscribe(0, batch=page) "
+        "up to the head, each event decoded the same way"
     )
 
     def __init__(self, url: str) -> None:
@@ -156,15 +159,15 @@ class NervusSide(Side):
             await store.append(stream, [_envelope(new)], recorded[-1].version)
 
     async def read_all(self, page: int) -> int:
-        after, read = 0, 0
-        while True:
-            events = await self.store.read_all(after, page)
-            if not events:
-                return read
+        head = await self.store.head()
+        read = 0
+        async for events in self.store.subscribe(0, batch=page):
             for r in events:
                 _decode(r.envelope)
             read += len(events)
-            after = events[-1].position
+            if events[-1].position >= head:
+                return read
+        return read
 
 
 # -- raw drivers ----------------------------------------------------------------------
@@ -172,8 +175,8 @@ class NervusSide(Side):
 
 class RawSide(Side):
     """One INSERT + commit per command on a connection of its own; 'many' runs `width`
-    threads, each with its own connection; reading is one SELECT per page ordered by
-    position, each payload decoded by msgspec into its class."""
+    threads, each with its own connection (opened before the timing); reading is one
+    SELECT per page ordered by position, each payload decoded by msgspec into its class."""
 
     mark = "?"
 
@@ -185,13 +188,15 @@ class RawSide(Side):
         self.select_stream = RAW_SELECT_STREAM.format(table=table, p=self.mark)
         self.select_all = RAW_SELECT_ALL.format(table=table, p=self.mark)
         self.conn: Any = None
+        self.connections: list[Any] = []  # one per thread of append_many
 
     async def open(self) -> None:
         self.conn = self._connect()
 
     async def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
+        for conn in [self.conn, *self.connections]:
+            if conn is not None:
+                conn.close()
 
     def _place(self, conn: Any, n: int) -> None:
         conn.execute(self.insert, raw_row(stream_name(n), 1, placed(n)))
@@ -202,24 +207,24 @@ class RawSide(Side):
         for n in range(start, start + count):
             self._place(conn, n)
 
+    async def prepare(self, width: int) -> None:
+        while len(self.connections) < width:
+            self.connections.append(self._connect())
+
     async def append_many(self, start: int, count: int, width: int) -> None:
         numbers = iter(range(start, start + count))
         lock = threading.Lock()
 
-        def issue() -> None:
-            conn = self._connect()
-            try:
-                while True:
-                    with lock:
-                        n = next(numbers, None)
-                    if n is None:
-                        return
-                    self._place(conn, n)
-            finally:
-                conn.close()
+        def issue(conn: Any) -> None:
+            while True:
+                with lock:
+                    n = next(numbers, None)
+                if n is None:
+                    return
+                self._place(conn, n)
 
         with ThreadPoolExecutor(width) as pool:
-            for done in [pool.submit(issue) for _ in range(width)]:
+            for done in [pool.submit(issue, conn) for conn in self.connections[:width]]:
                 done.result()
 
     async def seed(self, start: int, count: int) -> None:
@@ -267,7 +272,9 @@ class RawSide(Side):
 class RawSqliteSide(RawSide):
     how = (
         "sqlite3, WAL, synchronous=FULL, the default (deferred) transactions: "
-        "execute(INSERT) + commit() per command"
+        "execute(INSERT) + commit() per command; 'many': `width` threads, each with a "
+        "connection of its own; reading: SELECT ... WHERE position > ? ORDER BY position "
+        "LIMIT page, msgspec decoding each payload"
     )
 
     def __init__(self, path: str) -> None:
@@ -283,7 +290,9 @@ class RawSqliteSide(RawSide):
 class RawPostgresSide(RawSide):
     how = (
         "psycopg 3 (sync, the driver most Python code uses, the one eventsourcing uses): "
-        "execute(INSERT) + commit() per command, server default synchronous_commit=on"
+        "execute(INSERT) + commit() per command; 'many': `width` threads, each with a "
+        "connection of its own; reading: SELECT ... WHERE position > %s ORDER BY position "
+        "LIMIT page, msgspec decoding each payload"
     )
     mark = "%s"
 

@@ -78,6 +78,7 @@ async def step(side: Side, request: dict[str, Any]) -> dict[str, Any]:
     if name == "append_one":
         work = side.append_one(start, count)
     elif name == "append_many":
+        await side.prepare(request["width"])
         work = side.append_many(start, count, request["width"])
     elif name == "seed":
         work = side.seed(start, count)
