@@ -12,11 +12,21 @@ No skipped events
     one transaction, each with its own version check.
 
 Versions
-    Under the lock, the stream's current version is read, compared with the
-    expected one, and the events inserted at the versions after it; the unique
-    index on ``(stream_id, version)`` backs that up. The unique index on the
-    event id makes a repeated append fail the group, which then runs each append
-    alone with the idempotency check first.
+    Under the lock, each append of the group in turn: if its first event's id is
+    stored already, it is the same append again (a no-op returning where the
+    events are) or a conflict; otherwise the stream's current version is read,
+    compared with the expected one, and the events inserted at the versions after
+    it. The unique index on ``(stream_id, version)`` backs that up; the unique
+    index on the event id makes a group with an id stored in another place fail,
+    and then each append runs alone.
+
+One round trip per group
+    The lock, the checks, the inserts and the ``NOTIFY`` run in a PL/pgSQL
+    function of the schema (``append_events``, created with the tables), called
+    as one statement, which is its own transaction: a group costs one round trip
+    and one commit. The pool skips asyncpg's session reset on release (another
+    round trip per append or read): the store's statements leave no session
+    state, and connections lent to ``transaction()`` are reset there.
 
 Subscribers
     An append's transaction sends ``NOTIFY`` on the schema's channel (delivered at
