@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.msg import Msg
 
-from nervus.errors import ConfigurationError, TransportUnavailable
+from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
 from nervus.transports import (
     DeadLetterReason,
     Delivery,
@@ -310,6 +310,30 @@ async def test_a_large_batch_is_published_and_keeps_key_order(transport: NatsTra
     assert sorted(n for ns in by_key.values() for n in ns) == list(range(3000))
     for ns in by_key.values():
         assert ns == sorted(ns)
+
+
+@pytest.mark.integration
+@pytest.mark.nats
+async def test_a_publish_jetstream_refuses_fails_with_its_reason(
+    transport: NatsTransport, nats_url: str, namespace: str
+) -> None:
+    import nats
+
+    refused = OutgoingMessage(key=None, headers={"Nats-Expected-Stream": "another"}, body=b"")
+    with pytest.raises(TransportError, match="stream") as caught:
+        await transport.publish("checked", [cloudevent(1), refused])
+    assert not caught.value.retryable
+    assert caught.value.channel == "checked"
+
+    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
+    try:
+        await nc.jetstream().delete_stream(f"{namespace}_checked")
+    finally:
+        await nc.close()
+    started = time.monotonic()
+    with pytest.raises(TransportUnavailable, match="publishing"):
+        await transport.publish("checked", [cloudevent(2)])
+    assert time.monotonic() - started < 5, "no stream answered: that is known at once"
 
 
 @pytest.mark.integration

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -42,9 +43,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
@@ -72,7 +75,17 @@ from nervus.transports.nats._subscription import NatsSubscription
 
 log = logging.getLogger("nervus.transports.nats")
 
-_PUBLISHES_IN_FLIGHT = 4000  # the client's bound on unacknowledged publishes
+_PUBLISHES_IN_FLIGHT = 4000  # the transport's bound on unacknowledged publishes
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: where it was stored, or why not."""
+
+    seq: int = 0
+    error: dict[str, Any] | None = None
+
+
+_read_ack = msgspec.json.Decoder(_PubAck).decode
 
 
 def redact(url: str) -> str:
@@ -127,6 +140,10 @@ class NatsTransport(Transport):
         self._closed = False
         self._last_error: BaseException | None = None
         self._up = asyncio.Event()  # set while the client is connected
+        self._ack_prefix = ""
+        self._acks: dict[str, asyncio.Future[None]] = {}  # by token, unacknowledged publishes
+        self._tokens = itertools.count()
+        self._ack_room = asyncio.Event()  # set while fewer than _PUBLISHES_IN_FLIGHT
         self._down_since: float | None = None
 
     @classmethod
@@ -174,11 +191,11 @@ class NatsTransport(Transport):
                     reconnected_cb=self._on_reconnected,
                     name=f"nervus-{socket.gethostname()}-{os.getpid()}",
                 )
-                js = nc.jetstream(
-                    timeout=settings.request_timeout,
-                    publish_async_max_pending=_PUBLISHES_IN_FLIGHT,
-                )
+                js = nc.jetstream(timeout=settings.request_timeout)
                 await js.account_info()
+                # publish acknowledgements come to one inbox, ``<prefix>.<token>``
+                ack_prefix = nc.new_inbox()
+                await nc.subscribe(f"{ack_prefix}.*", cb=self._on_ack)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -197,6 +214,7 @@ class NatsTransport(Transport):
                 f"{settings.connect_timeout}s: {what}"
             ) from exc
         self._nc, self._js = nc, js
+        self._ack_prefix = f"{ack_prefix}."
         self._down_since = None
         self._up.set()
         try:
@@ -415,21 +433,64 @@ class NatsTransport(Transport):
         subjects = self._subjects[channel]
         counter = self._round_robin.get(channel, 0)
         self._round_robin[channel] = counter + len(messages)
-        js = self._jetstream()
+        nc = self.client
+        acks, tokens, prefix = self._acks, self._tokens, self._ack_prefix
+        loop = asyncio.get_running_loop()
         rounds = 1 + len(messages) // _PUBLISHES_IN_FLIGHT
         async with self._requests(f"publishing {len(messages)} messages", channel, rounds):
-            # Every publish goes out without waiting (the client keeps at most
-            # _PUBLISHES_IN_FLIGHT unacknowledged), then the acknowledgements are gathered.
-            futures: list[asyncio.Future[api.PubAck]] = []
+            # Every publish goes out without waiting (at most _PUBLISHES_IN_FLIGHT
+            # unacknowledged), then the acknowledgements are gathered.
+            mine: list[str] = []
+            futures: list[asyncio.Future[None]] = []
             try:
                 for i, m in enumerate(messages):
-                    subject = subjects[partition_for(m.key, count, counter + i)]
-                    headers = to_nats(m.key, m.headers)
-                    futures.append(await js.publish_async(subject, m.body, headers=headers))
+                    while len(acks) >= _PUBLISHES_IN_FLIGHT:
+                        self._ack_room.clear()
+                        await self._ack_room.wait()
+                    token = str(next(tokens))
+                    acks[token] = future = loop.create_future()
+                    mine.append(token)
+                    futures.append(future)
+                    await nc.publish(
+                        subjects[partition_for(m.key, count, counter + i)],
+                        m.body,
+                        reply=prefix + token,
+                        headers=to_nats(m.key, m.headers),
+                    )
                 await asyncio.gather(*futures)
             finally:
-                for future in futures:
-                    future.cancel()
+                for token in mine:
+                    unanswered = acks.pop(token, None)
+                    if unanswered is not None:
+                        unanswered.cancel()
+                self._ack_room.set()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """Settle the publish a JetStream acknowledgement answers."""
+        future = self._acks.pop(msg.subject[len(self._ack_prefix) :], None)
+        if len(self._acks) < _PUBLISHES_IN_FLIGHT:
+            self._ack_room.set()
+        if future is None or future.done():
+            return  # given up on (timed out or cancelled)
+        if not msg.data:  # a status: no stream listens on the subject (503)
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            ack = _read_ack(msg.data)
+        except msgspec.DecodeError:
+            future.set_exception(
+                nats.errors.Error(f"unreadable publish acknowledgement {msg.data[:200]!r}")
+            )
+            return
+        if ack.error is None:
+            future.set_result(None)
+            return
+        try:
+            nats.js.errors.APIError.from_error(ack.error)  # raises the error's own class
+        except nats.errors.Error as exc:
+            future.set_exception(exc)
+        except Exception:  # not shaped as JetStream's errors are
+            future.set_exception(nats.errors.Error(f"publish refused: {ack.error}"))
 
     # -- consumers ----------------------------------------------------------------
 
