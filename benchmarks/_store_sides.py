@@ -279,7 +279,7 @@ class RawSqliteSide(RawSide):
 
     def __init__(self, path: str) -> None:
         def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(path, timeout=60)
+            conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             return conn
