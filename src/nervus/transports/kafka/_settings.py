@@ -74,11 +74,13 @@ class KafkaSettings(msgspec.Struct, kw_only=True):
     ``session_timeout`` is how long a consumer that stopped heartbeating (a dead
     process) keeps its partitions; ``heartbeat_interval`` how often members
     heartbeat (at most a third of the session; also how fast members notice a
-    rebalance); ``max_poll_interval`` how long a member may go without fetching
-    before it is put out of the group. ``commit_interval`` is how long settled
+    rebalance); ``max_poll_interval`` how long a member's consumer may go
+    unserved before it is put out of the group (each member serves its consumer
+    on a thread of its own, also while the caller is busy, so this bounds a
+    stuck member, not a slow handler). ``commit_interval`` is how long settled
     positions may wait before they are committed. ``prefetch_kbytes`` bounds what
-    a consumer reads ahead per partition (the message count is bounded by the
-    subscription's ``max_in_flight``).
+    librdkafka reads ahead per partition; a subscription holds at most
+    ``max_in_flight`` deliveries read ahead besides.
 
     ``connect_timeout`` bounds ``connect()`` when the cluster does not answer;
     ``request_timeout`` bounds administrative requests (topic creation, offset

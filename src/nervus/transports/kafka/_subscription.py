@@ -425,13 +425,14 @@ class KafkaSubscription(Subscription):
         if error is not None:
             self._consumer_error(error)
             return
-        # Read before its partition was paused (it was assigned during the poll):
-        # put it back to be read again once there is room.
-        topic, part, offset = m.topic(), m.partition(), m.offset()
-        assert topic is not None and part is not None and offset is not None
+        # From a partition assigned during the poll, read before it could be paused:
+        # kept (one over the bound at most, per partition so assigned), and the
+        # partition paused with the others.
+        topic, part = m.topic(), m.partition()
+        assert topic is not None and part is not None
         consumer.pause([TopicPartition(topic, part)])
         self._paused.add((topic, part))
-        consumer.seek(TopicPartition(topic, part, offset))
+        self._admit([], [m])
 
     def _resume(self, consumer: Consumer) -> None:
         assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}

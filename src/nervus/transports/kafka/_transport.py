@@ -10,8 +10,9 @@ and the error) and notes when the cluster answers again.
   naming the URL and the topic. Publishing it again is safe (at-least-once).
 - A subscription's ``fetch`` keeps its time bound and returns nothing while the
   brokers are away. Settling still works; the settled positions are kept and
-  committed once the cluster answers again (a commit already under way when the
-  outage begins can hold the member's thread until its session times out).
+  committed once the cluster answers again (a commit on revoke already under way
+  when the outage begins can hold the member's serving thread until its session
+  times out).
 - A member whose session timed out during the outage rejoins its group, which may
   move partitions: deliveries fetched before are then stale (settling them changes
   nothing) and come again from the last committed position. Nothing acknowledged
