@@ -4,8 +4,10 @@
 
 Each service runs in its own process (``nervus run examples.shop.<name>:service``)
 on the transport that ``NERVUS_TRANSPORT`` names (by default an embedded SQLite
-log under ``.nervus/shop``). Exits 0 only when every order reached a final state,
-every customer was notified and the stock books balance.
+log under ``.nervus/shop``). Orders keeps its aggregates and its order-history read
+model in the event store ``NERVUS_STORE`` names (by default a SQLite file there
+too). Exits 0 only when every order reached a final state, every customer was
+notified, the stock books balance and the read model agrees with the events.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pathlib import Path
 from examples.shop._audit import Audit
 from examples.shop._report import render
 from examples.shop._state import STATE_DIR_VARIABLE
-from examples.shop.events import OrderPlaced
+from examples.shop.events import PlaceOrder
 from examples.shop.payments import FAIL_RATE_VARIABLE
 from nervus import Service
+from nervus.domain import ProjectionStatus, projection_statuses
+from nervus.storage import store_from_url
 
 SERVICE_NAMES = ("orders", "inventory", "payments", "shipping", "notifications")
 SKUS = ["sku-book", "sku-lamp", "sku-mug", "sku-limited"]
@@ -49,12 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_orders(count: int, rng: random.Random) -> list[OrderPlaced]:
+def make_orders(count: int, rng: random.Random) -> list[PlaceOrder]:
     result = []
     for n in range(count):
         quantity = rng.randint(1, 3)
         result.append(
-            OrderPlaced(
+            PlaceOrder(
                 order_id=f"order-{n:06d}",
                 customer_id=f"customer-{rng.randint(1, 500):03d}",
                 sku=rng.choice(SKUS),
@@ -120,6 +124,7 @@ def prepare(args: argparse.Namespace) -> Path:
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     os.environ.setdefault("NERVUS_TRANSPORT", f"sqlite:///{state}/log.db")
+    os.environ.setdefault("NERVUS_STORE", f"sqlite:///{state}/orders-store.db")
     os.environ[STATE_DIR_VARIABLE] = str(state)
     os.environ[FAIL_RATE_VARIABLE] = str(args.fail_rate)
     return state
@@ -152,16 +157,43 @@ async def main(args: argparse.Namespace, state: Path) -> int:
                 expected_dead_letters=audit.expected_dead_letters(args.poison),
             )
             await publishing
+            if finished:
+                await _read_model_caught_up(timeout=30.0)
         finally:
             exit_codes = processes.stop() if processes else await _stop_in_process(services)
             await audit.close()
     elapsed = time.perf_counter() - started
-    books = audit.books(inventory_db=state / "inventory.db", orders_db=state / "orders.db")
-    ok = render(audit, books, exit_codes, elapsed, finished)
+    statuses, history = await _read_model()
+    books = audit.books(inventory_db=state / "inventory.db", order_statuses=statuses)
+    ok = render(audit, books, exit_codes, elapsed, finished, history)
     return 0 if ok else 1
 
 
-async def _place(storefront: Service, placed: list[OrderPlaced], audit: Audit, rate: float) -> None:
+async def _read_model_caught_up(timeout: float) -> None:
+    """Wait (bounded) until the order-history projection has applied the whole log."""
+    deadline = time.monotonic() + timeout
+    async with store_from_url(os.environ["NERVUS_STORE"]) as store:
+        while time.monotonic() < deadline:
+            found = [s for s in await projection_statuses(store) if s.name == "order-history"]
+            if found and found[0].lag == 0:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _read_model() -> tuple[dict[str, int], ProjectionStatus | None]:
+    """Orders per status in the order-history read model, and the projection's status."""
+    async with store_from_url(os.environ["NERVUS_STORE"]) as store:
+        found = [s for s in await projection_statuses(store) if s.name == "order-history"]
+        if not found:
+            return {}, None
+        async with store.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT status, count(*) FROM {store.namespace}order_history GROUP BY status"
+            )
+        return {str(status): int(str(count)) for status, count in rows}, found[0]
+
+
+async def _place(storefront: Service, placed: list[PlaceOrder], audit: Audit, rate: float) -> None:
     """Place the orders at ``rate`` per second, in small batches (all at once for 0)."""
     batch_size = 500 if rate <= 0 else max(1, int(rate / 20))
     began = time.perf_counter()

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from examples.shop._audit import Audit, Books
+from nervus.domain import ProjectionStatus
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -19,7 +20,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def render(
-    audit: Audit, books: Books, exit_codes: Mapping[str, int], elapsed: float, finished: bool
+    audit: Audit,
+    books: Books,
+    exit_codes: Mapping[str, int],
+    elapsed: float,
+    finished: bool,
+    history: ProjectionStatus | None,
 ) -> bool:
     """Print the summary; True when every order settled, the books balance and every
     service stopped cleanly."""
@@ -40,6 +46,11 @@ def render(
     table.add_row("stock released + shipped", f"{books.released:,} + {books.shipped:,}")
     dead = ", ".join(f"{k}: {v}" for k, v in sorted(audit.dead_letters.items())) or "0"
     table.add_row("messages dead-lettered", dead)
+    if history is not None:
+        table.add_row(
+            "order-history read model",
+            f"position {history.position:,} of {history.head:,}, lag {history.lag:,}",
+        )
     table.add_row("elapsed", f"{elapsed:.1f} s")
     console.print(table)
 
@@ -51,6 +62,8 @@ def render(
     console.print(channels)
 
     problems = list(books.problems)
+    if history is None:
+        problems.append("the order-history projection never ran")
     if not finished:
         problems.append(
             f"only {audit.finished:,} of {audit.total:,} orders settled "

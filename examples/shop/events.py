@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from nervus import Event
+from nervus import Command, Event
+
+
+class PlaceOrder(
+    Command, type="shop.order.place.v1", key="order_id", channel="shop.order-commands"
+):
+    """Sent by the storefront; executed by orders on the order aggregate."""
+
+    order_id: str
+    customer_id: str
+    sku: str
+    quantity: int
+    amount_cents: int
 
 
 class OrderPlaced(Event, type="shop.order.placed.v1", key="order_id"):
@@ -67,6 +79,7 @@ class NotificationSent(Event, type="shop.notification.sent.v1", key="order_id"):
 
 
 ALL = (
+    PlaceOrder,
     OrderPlaced,
     OrderCompleted,
     OrderCancelled,

@@ -1,71 +1,140 @@
-"""Orders: keeps each order's status and closes it when it ships or is cancelled."""
+"""Orders: an event-sourced aggregate per order, and the order-history read model.
+
+The storefront sends ``PlaceOrder`` commands; orders decides them against the
+order's stream in its event store, and the store's relay publishes the events it
+appended (the log is the outbox). Shipping and inventory's outcomes close the order
+through in-process commands. The ``order-history`` projection keeps a table of
+every order's status, updated in the same transaction as its checkpoint.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-
-from examples.shop._state import open_db
 from examples.shop.events import (
     OrderCancelled,
     OrderCompleted,
     OrderPlaced,
+    PlaceOrder,
     ShipmentDispatched,
     StockRejected,
     StockReleased,
 )
-from nervus import Context, Service
+from nervus import Command, Context, Event, Service
+from nervus.domain import Aggregate, Projection, ReadModelTransaction, evolve, handles
+from nervus.errors import DomainError
 
 service = Service("orders")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS orders (
-    order_id TEXT PRIMARY KEY, status TEXT NOT NULL, amount_cents INTEGER NOT NULL
-);
-"""
-_db: sqlite3.Connection | None = None
+
+class CompleteOrder(
+    Command, type="shop.order.complete.v1", key="order_id", channel="shop.order-commands"
+):
+    order_id: str
 
 
-def db() -> sqlite3.Connection:
-    global _db
-    if _db is None:
-        _db = open_db("orders", _SCHEMA)
-    return _db
+class CancelOrder(
+    Command, type="shop.order.cancel.v1", key="order_id", channel="shop.order-commands"
+):
+    order_id: str
+    reason: str
 
 
-def _set_status(order_id: str, status: str, amount_cents: int = 0) -> None:
-    con = db()
-    with con:
-        con.execute(
-            "INSERT INTO orders (order_id, status, amount_cents) VALUES (?, ?, ?) "
-            "ON CONFLICT (order_id) DO UPDATE SET status = excluded.status "
-            "WHERE orders.status = 'placed'",
-            (order_id, status, amount_cents),
+class Order(Aggregate):
+    category = "order"
+    status: str = "new"
+    amount_cents: int = 0
+
+    @evolve
+    def _placed(self, event: OrderPlaced) -> None:
+        self.status = "placed"
+        self.amount_cents = event.amount_cents
+
+    @evolve
+    def _completed(self, event: OrderCompleted) -> None:
+        self.status = "completed"
+
+    @evolve
+    def _cancelled(self, event: OrderCancelled) -> None:
+        self.status = "cancelled"
+
+
+@service.command(PlaceOrder, aggregate=Order)
+def place(order: Order, command: PlaceOrder) -> list[Event]:
+    if order.status != "new":
+        raise DomainError(f"order {command.order_id} is already {order.status}")
+    return [
+        OrderPlaced(
+            order_id=command.order_id,
+            customer_id=command.customer_id,
+            sku=command.sku,
+            quantity=command.quantity,
+            amount_cents=command.amount_cents,
         )
+    ]
 
 
-@service.on(OrderPlaced)
-async def placed(event: OrderPlaced, ctx: Context) -> None:
-    con = db()
-    with con:
-        con.execute(
-            "INSERT OR IGNORE INTO orders (order_id, status, amount_cents) VALUES (?, 'placed', ?)",
-            (event.order_id, event.amount_cents),
-        )
+# Closing an order that is already closed decides nothing: the outcome events may
+# be delivered again, and the order's first outcome stands.
+@service.command(CompleteOrder, aggregate=Order)
+def complete(order: Order, command: CompleteOrder) -> list[Event]:
+    return [OrderCompleted(order_id=command.order_id)] if order.status == "placed" else []
+
+
+@service.command(CancelOrder, aggregate=Order)
+def cancel(order: Order, command: CancelOrder) -> list[Event]:
+    if order.status != "placed":
+        return []
+    return [OrderCancelled(order_id=command.order_id, reason=command.reason)]
 
 
 @service.on(ShipmentDispatched)
 async def shipped(event: ShipmentDispatched, ctx: Context) -> None:
-    _set_status(event.order_id, "completed")
-    await ctx.publish(OrderCompleted(order_id=event.order_id))
+    await service.execute(CompleteOrder(order_id=event.order_id))
 
 
 @service.on(StockRejected)
 async def rejected(event: StockRejected, ctx: Context) -> None:
-    _set_status(event.order_id, "cancelled")
-    await ctx.publish(OrderCancelled(order_id=event.order_id, reason=event.reason))
+    await service.execute(CancelOrder(order_id=event.order_id, reason=event.reason))
 
 
 @service.on(StockReleased)
 async def released(event: StockReleased, ctx: Context) -> None:
-    _set_status(event.order_id, "cancelled")
-    await ctx.publish(OrderCancelled(order_id=event.order_id, reason="payment failed"))
+    await service.execute(CancelOrder(order_id=event.order_id, reason="payment failed"))
+
+
+class OrderHistory(Projection):
+    """Every order with its status: what a customer-service screen would query."""
+
+    name = "order-history"
+    tables = {
+        "order_history": "CREATE TABLE {order_history} (order_id TEXT PRIMARY KEY, "
+        "customer_id TEXT NOT NULL, sku TEXT NOT NULL, quantity INTEGER NOT NULL, "
+        "amount_cents INTEGER NOT NULL, status TEXT NOT NULL, reason TEXT)"
+    }
+
+    @handles
+    async def placed(self, event: OrderPlaced, tx: ReadModelTransaction) -> None:
+        await tx.execute(
+            "INSERT INTO {order_history} VALUES (?, ?, ?, ?, ?, 'placed', NULL)",
+            event.order_id,
+            event.customer_id,
+            event.sku,
+            event.quantity,
+            event.amount_cents,
+        )
+
+    @handles
+    async def completed(self, event: OrderCompleted, tx: ReadModelTransaction) -> None:
+        await tx.execute(
+            "UPDATE {order_history} SET status = 'completed' WHERE order_id = ?", event.order_id
+        )
+
+    @handles
+    async def cancelled(self, event: OrderCancelled, tx: ReadModelTransaction) -> None:
+        await tx.execute(
+            "UPDATE {order_history} SET status = 'cancelled', reason = ? WHERE order_id = ?",
+            event.reason,
+            event.order_id,
+        )
+
+
+service.projection(OrderHistory())

@@ -140,6 +140,14 @@ class Connection:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, fn, conn, *args)
 
+    @property
+    def raw(self) -> sqlite3.Connection:
+        """The connection itself, for short statements on the caller's thread while
+        nothing runs on the connection's own (the caller makes sure of that)."""
+        if self._conn is None:
+            raise self._errors.unavailable(f"the SQLite connection to {self.path} is not open")
+        return self._conn
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         executor, self._executor = self._executor, None

@@ -5,6 +5,12 @@ whose statements come one by one from async code (a projection's handlers, a
 service's own writes) needs a connection of its own, held from ``BEGIN IMMEDIATE``
 to ``COMMIT``. SQLite writes one transaction at a time, so meanwhile every other
 write to the file waits (up to ``busy_timeout``): keep them short.
+
+``BEGIN IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (which waits
+for the fsync) run on the connection's thread; the statements in between run on
+the event loop's thread, at once. Each takes microseconds, and a hop to another
+thread per statement would hold the write lock, and every other writer, for as
+long as the busy event loop takes to come back to the transaction.
 """
 
 from __future__ import annotations
@@ -82,26 +88,24 @@ class SqliteTransaction(StoreTransaction):
         rows = self._rows(stream_id, events)
         if expected_version is not None and expected_version < 0:
             raise ValueError(f"expected_version={expected_version} must be 0 or more, or ANY")
-        result = await self._conn.run(
-            _in_savepoint, self._append_fn, stream_id, rows, expected_version
-        )
+        result = _in_savepoint(self._conn.raw, self._append_fn, stream_id, rows, expected_version)
         if isinstance(result, StoreError):
             raise result
         self.appended = True
         return result
 
     async def execute(self, sql: str, *params: object) -> int:
-        return await self._conn.run(_execute, sql, params)
+        return _execute(self._conn.raw, sql, params)
 
     async def fetch(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        return await self._conn.run(_fetch, sql, params)
+        return _fetch(self._conn.raw, sql, params)
 
     async def load_checkpoint(self, name: str) -> int:
         rows = await self.fetch("SELECT position FROM nervus_checkpoints WHERE name = ?", name)
         return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
 
     async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
-        return await self._conn.run(_move_checkpoint, name, expected, position)
+        return _move_checkpoint(self._conn.raw, name, expected, position)
 
 
 def _in_savepoint(
