@@ -8,12 +8,14 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import pamqp.decode
 import pytest
 
 from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
 from nervus.transports import Delivery, OutgoingMessage, Transport, from_url
 from nervus.transports.rabbitmq import RabbitSettings, RabbitTransport
 from nervus.transports.rabbitmq._names import delay_bucket
+from nervus.transports.rabbitmq._publisher import field_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -286,3 +288,12 @@ def test_delay_buckets_never_round_down() -> None:
         bucket = delay_bucket(delay)
         assert bucket >= delay * 1000
         assert bucket <= max(delay * 1000 * 1.1, 1)
+
+
+def test_header_tables_decode_as_a_plain_client_reads_them() -> None:
+    headers = {"ce_id": "évt-1", "n": 7, "big": 2**40, "negative": -3, "flag": True, "ratio": 1.5}
+    consumed, decoded = pamqp.decode.field_table(field_table(headers))
+    assert decoded == headers
+    assert consumed == len(field_table(headers))
+    with pytest.raises(ValueError, match="128 bytes"):
+        field_table({"x" * 129: "too long a name"})

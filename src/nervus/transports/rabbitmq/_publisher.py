@@ -13,8 +13,9 @@ confirmation future registered with the channel, which resolves it when the
 broker's ``Basic.Ack`` (or ``Basic.Nack``) arrives, usually one ``multiple``
 acknowledgement for many messages, and rejects it when the channel closes.
 
-The channel must be in confirm mode and used for nothing else that publishes,
-so delivery tags follow the order of the writes.
+The channel must be in confirm mode. A write numbers its messages and queues
+them while holding the channel's lock, as the client's own ``basic_publish``
+does, so delivery tags follow the order in which messages reach the broker.
 """
 
 from __future__ import annotations
@@ -149,26 +150,27 @@ class Publisher:
             while self._frames:
                 frames, self._frames = self._frames, []
                 futures, self._futures = self._futures, []
-                first = channel.delivery_tag + 1
-                sent = False
                 try:
                     async with channel.lock:
                         first = channel.delivery_tag + 1
+                        last = first + len(futures) - 1
                         confirmations = channel.confirmations
                         for tag, future in enumerate(futures, first):
                             confirmations[tag] = future
-                        channel.delivery_tag = first + len(futures) - 1
-                        await channel.write_queue.put(
-                            aiormq.abc.ChannelFrame(payload=b"".join(frames), should_close=False)
-                        )
-                        sent = True
-                except BaseException as exc:
-                    if not sent:
-                        # the broker saw none of them: give their tags back
-                        for tag in range(first, first + len(futures)):
-                            channel.confirmations.pop(tag, None)
-                        if channel.delivery_tag == first + len(futures) - 1:
+                        channel.delivery_tag = last
+                        try:
+                            await channel.write_queue.put(
+                                aiormq.abc.ChannelFrame(
+                                    payload=b"".join(frames), should_close=False
+                                )
+                            )
+                        except BaseException:
+                            # the broker saw none of them: give their tags back
+                            for tag in range(first, last + 1):
+                                confirmations.pop(tag, None)
                             channel.delivery_tag = first - 1
+                            raise
+                except BaseException as exc:
                     for future in futures:
                         if future.done():
                             continue
