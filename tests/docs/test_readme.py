@@ -12,6 +12,7 @@ import pytest
 
 from nervus import Envelope, Service, Settings
 from nervus.codecs import JSON_CODEC
+from nervus.errors import DomainError
 from nervus.transports import from_url
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -37,7 +38,7 @@ async def test_the_service_example_handles_an_event_and_publishes_its_answer(
 ) -> None:
     url = f"memory://readme-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("NERVUS_TRANSPORT", url)
-    (block,) = python_blocks(README.read_text())
+    block = python_blocks(README.read_text())[0]
     module = types.ModuleType("readme_example")
     exec(compile(block, str(README), "exec"), module.__dict__)
     payments: Service = module.payments
@@ -61,3 +62,34 @@ async def test_the_service_example_handles_an_event_and_publishes_its_answer(
         assert envelope.causationid is not None
         assert envelope.correlationid == envelope.causationid, "caused by the first event"
         await answers.ack(got)
+
+
+async def test_the_event_sourced_example_decides_appends_relays_and_projects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"memory://readme-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("NERVUS_TRANSPORT", url)
+    monkeypatch.setenv("NERVUS_STORE", f"sqlite:///{tmp_path}/bank.db")
+    block = python_blocks(README.read_text())[1]
+    module = types.ModuleType("readme_bank")
+    exec(compile(block, str(README), "exec"), module.__dict__)
+    bank: Service = module.bank
+    watcher = from_url(url)
+    async with watcher, bank:
+        published = await watcher.subscribe(["bank.account"], "readme-watcher")
+        result = await bank.execute(module.OpenAccount(account_id="a-1", owner="ada"))
+        assert (result.stream_id, result.version) == ("account-a-1", 1)
+        with pytest.raises(DomainError, match="already open"):
+            await bank.execute(module.OpenAccount(account_id="a-1", owner="bob"))
+        async with asyncio.timeout(10):
+            got = []
+            while not got:
+                got = list(await published.fetch(10, 0.2))
+            rows: list[tuple[object, ...]] = []
+            while not rows:
+                async with bank.store.transaction() as tx:
+                    rows = await tx.fetch("SELECT account_id, owner FROM owners")
+                await asyncio.sleep(0.02)
+    assert got[0].key == "account-a-1"
+    assert got[0].headers["ce_type"] == "bank.account.opened.v1"
+    assert rows == [("a-1", "ada")]
