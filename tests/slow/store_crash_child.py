@@ -2,13 +2,15 @@
 
     python tests/slow/store_crash_child.py append STORE_URL NAME EVENTS STREAMS
     python tests/slow/store_crash_child.py project STORE_URL
+    python tests/slow/store_crash_child.py relay STORE_URL TRANSPORT_URL
 
 An appender owns ``STREAMS`` streams (``NAME-0`` ...) and appends to them, side by
 side (so its appends meet in group commits), until each holds ``EVENTS`` events;
 event ``k`` of a stream carries ``{"seq": k}`` and goes at version ``k + 1`` with
 that expected version, so after a restart it carries on from what the store says
 and neither skips nor repeats an event. The projector keeps a ``totals`` read model
-(events, sum of seq, last seq per stream) until it is killed.
+(events, sum of seq, last seq per stream) until it is killed. The relay publishes
+the store's log to the transport until it is killed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from nervus import Envelope, Event
 from nervus.codecs import JSON_CODEC
 from nervus.domain import Projection, ProjectionRunner, ReadModelTransaction, handles
 from nervus.errors import ConcurrencyError
+from nervus.runtime._relay import Relay
 from nervus.storage import store_from_url
+from nervus.transports import from_url
 
 
 class Counted(Event, type="crash.stream.counted.v1"):
@@ -77,6 +81,11 @@ async def project(url: str) -> None:
         await ProjectionRunner(store, Totals(), batch=50).run()
 
 
+async def relay(url: str, transport_url: str) -> None:
+    async with store_from_url(url) as store, from_url(transport_url) as transport:
+        await Relay(store, transport.publish, batch=40, lease_seconds=1.0).run()
+
+
 def main() -> None:
     role, url, *rest = sys.argv[1:]
     if role == "append":
@@ -84,6 +93,8 @@ def main() -> None:
         asyncio.run(append(url, name, int(events), int(streams)))
     elif role == "project":
         asyncio.run(project(url))
+    elif role == "relay":
+        asyncio.run(relay(url, rest[0]))
     else:
         raise SystemExit(f"unknown role {role!r}")
 
