@@ -245,6 +245,9 @@ class PostgresEventStore(EventStore):
         )
         self._listener: asyncpg.Connection | None = None
         self._listening = asyncio.Lock()
+        # appends run one group at a time: one connection of their own spares each
+        # group the pool's acquire and release
+        self._appender: asyncpg.Connection | None = None
         self._change = 0
         self._changed: asyncio.Event | None = None
         self._connected = False
@@ -295,6 +298,10 @@ class PostgresEventStore(EventStore):
         self._closed = True
         await self._appends.drain()
         self._notify()
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            with contextlib.suppress(Exception):
+                await appender.close(timeout=2)
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(Exception):
@@ -354,19 +361,33 @@ class PostgresEventStore(EventStore):
     async def _append_group(self, ops: Sequence[_Append]) -> list[AppendResult | StoreError]:
         """One statement, so one round trip and its own transaction: the function
         ``append_events`` takes the lock, checks and inserts every append in order."""
-        pool = self._check()
+        self._check()
         try:
-            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
-                try:
-                    results = await self._append_in(conn, ops)
-                except asyncpg.UniqueViolationError:
-                    if len(ops) > 1:
-                        raise  # each append runs alone, with the idempotency check first
-                    return [await self._id_conflict(conn, ops[0])]
-        except Exception as exc:
+            conn = self._appender
+            if conn is None or conn.is_closed():
+                conn = self._appender = await asyncpg.connect(
+                    self._dsn, timeout=self.settings.connect_timeout
+                )
+            try:
+                results = await self._append_in(conn, ops)
+            except asyncpg.UniqueViolationError:
+                if len(ops) > 1:
+                    raise  # each append runs alone, with the idempotency check first
+                return [await self._id_conflict(conn, ops[0])]
+        except asyncpg.PostgresError as exc:  # refused by the server: the connection is fine
             raise self._error(exc, "append") from exc
+        except BaseException as exc:
+            self._drop_appender()  # broken or interrupted: the next group connects again
+            if isinstance(exc, Exception):
+                raise self._error(exc, "append") from exc
+            raise
         self._notify()
         return results
+
+    def _drop_appender(self) -> None:
+        conn, self._appender = self._appender, None
+        if conn is not None:
+            conn.terminate()
 
     async def _append_in(
         self, conn: _Conn, ops: Sequence[_Append]
