@@ -183,3 +183,23 @@ async def test_bad_url_and_unreachable_server_fail_clearly(postgres_url: str) ->
     with pytest.raises(StoreUnavailable) as caught:
         await store.connect()
     assert "127.0.0.1:1" in str(caught.value) and "secret" not in str(caught.value)
+
+
+async def test_an_outbox_row_committed_late_is_published_late_not_skipped(
+    store_url: str,
+) -> None:
+    store = store_from_url(store_url)
+    await store.connect()
+    try:
+        async with store.transaction() as early:
+            await early.enqueue("c", "k", {"ce_id": "early"}, b"")  # the lower id
+            async with store.transaction() as late:
+                await late.enqueue("c", "k", {"ce_id": "late"}, b"")
+            first = await store.outbox_batch()
+            assert [m.headers["ce_id"] for m in first] == ["late"]
+            await store.outbox_sent([m.id for m in first], at=1.0)
+        second = await store.outbox_batch()
+        assert [m.headers["ce_id"] for m in second] == ["early"]
+        assert second[0].id < first[0].id
+    finally:
+        await store.close()

@@ -95,6 +95,7 @@ PUBLIC = {
         "NO_STREAM",
         "AppendResult",
         "EventStore",
+        "OutboxMessage",
         "RecordedEvent",
         "Snapshot",
         "StoreTransaction",

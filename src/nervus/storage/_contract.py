@@ -49,6 +49,17 @@ Transactions
     other appends to the store wait for it (that keeps position order equal to
     commit order); on SQLite every other write waits. Keep transactions short.
 
+Outbox and inbox
+    For services that keep ordinary tables rather than event streams. Inside a
+    transaction, ``enqueue`` adds a message to the outbox (committed with the
+    caller's writes, or not at all); an outbox relay reads the unsent messages in
+    the order they were enqueued (``outbox_batch``), publishes them and marks them
+    sent (``outbox_sent``); sent messages are purged after a retention time.
+    Messages committed late are read late, never skipped: the relay reads what is
+    unsent, not what is past a position. ``record_handled`` writes a consumer
+    group's processed message id to the inbox in the transaction of the handler's
+    effects; a redelivered message found there (``handled``) is not handled again.
+
 Every method may raise ``StoreUnavailable`` (retryable) when the database cannot
 be reached, and ``StoreError`` for other failures, naming the database.
 """
@@ -97,6 +108,18 @@ class AppendResult(msgspec.Struct, frozen=True, gc=False):
     position: int
 
 
+class OutboxMessage(msgspec.Struct, frozen=True, gc=False):
+    """A message waiting in the outbox: its place in enqueue order, where it goes,
+    and what it carries."""
+
+    id: int
+    channel: str
+    key: str | None
+    headers: dict[str, str]
+    body: bytes
+    created: float  # seconds since the epoch
+
+
 class Snapshot(msgspec.Struct, frozen=True):
     """A stream's state folded up to ``version``, encoded by its owner as ``type``."""
 
@@ -133,6 +156,17 @@ class StoreTransaction(ABC):
     @abstractmethod
     async def load_checkpoint(self, name: str) -> int:
         """The position stored under ``name`` as this transaction sees it (0: none)."""
+
+    @abstractmethod
+    async def enqueue(
+        self, channel: str, key: str | None, headers: dict[str, str], body: bytes
+    ) -> None:
+        """Add a message to the outbox, to be published after the commit."""
+
+    @abstractmethod
+    async def record_handled(self, group: str, message_id: str) -> bool:
+        """Write to the inbox that ``group`` handled ``message_id``; False (and nothing
+        written) when it is there already."""
 
     @abstractmethod
     async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
@@ -227,6 +261,40 @@ class EventStore(ABC):
     @abstractmethod
     async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
         """Every checkpoint whose name starts with ``prefix``."""
+
+    @abstractmethod
+    async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
+        """Up to ``limit`` unsent outbox messages, in the order they were enqueued."""
+
+    @abstractmethod
+    async def outbox_sent(self, ids: Sequence[int], *, at: float) -> None:
+        """Mark outbox messages sent at ``at`` (seconds since the epoch)."""
+
+    @abstractmethod
+    async def outbox_purge(self, sent_before: float) -> int:
+        """Delete outbox messages sent before ``sent_before``; returns how many."""
+
+    @abstractmethod
+    async def outbox_counts(self) -> tuple[int, int]:
+        """How many outbox messages are unsent, and how many sent ones are kept."""
+
+    @abstractmethod
+    async def handled(self, group: str, message_id: str) -> bool:
+        """Whether the inbox holds ``message_id`` for ``group``."""
+
+    @abstractmethod
+    async def inbox_purge(self, before: float) -> int:
+        """Delete inbox records written before ``before``; returns how many."""
+
+    @property
+    @abstractmethod
+    def change_count(self) -> int:
+        """Moves on whenever the store may have changed: an append or an enqueue of
+        this process, or one of another process the store was told of."""
+
+    @abstractmethod
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Wait up to ``timeout`` s unless ``change_count`` moved past ``seen``."""
 
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]:

@@ -402,3 +402,76 @@ class EventStoreConformance:
         async with store.transaction() as tx:
             await tx.append("from-tx", batch, NO_STREAM)
         assert ids(await collector) == ids(batch)
+
+    # -- the outbox and the inbox -----------------------------------------------------
+
+    async def test_the_outbox_keeps_what_a_transaction_enqueued(self, store: EventStore) -> None:
+        async with store.transaction() as tx:
+            await tx.enqueue("shop.order", "o-1", {"ce_id": "1", "ce_type": "a.b.c.v1"}, b"one")
+            await tx.enqueue("shop.payment", None, {"ce_id": "2"}, b"\x00two")
+
+        class Undo(Exception):
+            pass
+
+        async def enqueue_then_fail() -> None:
+            async with store.transaction() as tx:
+                await tx.enqueue("shop.order", "o-9", {"ce_id": "9"}, b"never")
+                raise Undo
+
+        with pytest.raises(Undo):
+            await enqueue_then_fail()
+        async with store.transaction() as tx:
+            await tx.enqueue("shop.order", "o-1", {"ce_id": "3"}, b"three")
+        pending = await store.outbox_batch()
+        assert [(m.channel, m.key, m.headers["ce_id"], m.body) for m in pending] == [
+            ("shop.order", "o-1", "1", b"one"),
+            ("shop.payment", None, "2", b"\x00two"),
+            ("shop.order", "o-1", "3", b"three"),
+        ]
+        assert pending[0].headers == {"ce_id": "1", "ce_type": "a.b.c.v1"}
+        assert [m.id for m in pending] == sorted(m.id for m in pending)
+        assert [m.id for m in await store.outbox_batch(limit=2)] == [m.id for m in pending[:2]]
+        assert await store.outbox_counts() == (3, 0)
+        await store.outbox_sent([pending[0].id, pending[1].id], at=1000.0)
+        assert [m.body for m in await store.outbox_batch()] == [b"three"]
+        assert await store.outbox_counts() == (1, 2)
+        await store.outbox_sent([pending[2].id], at=2000.0)
+        assert await store.outbox_purge(sent_before=1500.0) == 2
+        assert await store.outbox_counts() == (0, 1)
+        assert await store.outbox_batch() == []
+
+    async def test_the_inbox_records_a_message_once_per_group(self, store: EventStore) -> None:
+        async with store.transaction() as tx:
+            assert await tx.record_handled("payments", "m-1")
+            assert not await tx.record_handled("payments", "m-1")
+            assert await tx.record_handled("audit", "m-1")
+
+        async def record_then_fail() -> None:
+            async with store.transaction() as tx:
+                assert await tx.record_handled("payments", "m-2")
+                raise RuntimeError("the effect failed")
+
+        with pytest.raises(RuntimeError):
+            await record_then_fail()
+        assert await store.handled("payments", "m-1")
+        assert await store.handled("audit", "m-1")
+        assert not await store.handled("payments", "m-2")  # rolled back with the effect
+        async with store.transaction() as tx:
+            assert not await tx.record_handled("payments", "m-1")
+        assert await store.inbox_purge(before=0.0) == 0
+        assert await store.inbox_purge(before=4_000_000_000.0) == 2
+        assert not await store.handled("payments", "m-1")
+
+    async def test_a_waiter_is_woken_by_an_enqueue_elsewhere(self, store_url: str) -> None:
+        async with self.open_store(store_url) as relay, self.open_store(store_url) as app:
+            seen = relay.change_count
+            await relay.wait_for_change(seen, 0.01)  # starts listening
+            seen = relay.change_count
+            waiter = asyncio.create_task(relay.wait_for_change(seen, self.live_timeout))
+            await asyncio.sleep(0.1)
+            async with app.transaction() as tx:
+                await tx.enqueue("c", None, {"ce_id": "w"}, b"")
+            started = asyncio.get_running_loop().time()
+            await waiter
+            assert asyncio.get_running_loop().time() - started < self.live_timeout / 2
+            assert [m.headers["ce_id"] for m in await relay.outbox_batch()] == ["w"]

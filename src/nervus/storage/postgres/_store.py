@@ -48,6 +48,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
@@ -68,10 +69,12 @@ from nervus.storage._ahead import ReadAhead
 from nervus.storage._contract import (
     AppendResult,
     EventStore,
+    OutboxMessage,
     RecordedEvent,
     Snapshot,
     StoreTransaction,
 )
+from nervus.storage.postgres._outbox import OutboxSql, count, encode_headers, messages
 from nervus.storage.postgres._settings import PostgresStoreSettings, split_store_url
 
 log = logging.getLogger("nervus.storage.postgres")
@@ -250,6 +253,7 @@ class PostgresEventStore(EventStore):
         self._appender: asyncpg.Connection | None = None
         self._change = 0
         self._changed: asyncio.Event | None = None
+        self._outbox = OutboxSql(s)
         self._connected = False
         self._closed = False
 
@@ -281,6 +285,7 @@ class PostgresEventStore(EventStore):
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
                 await conn.execute(_DDL.format(s=self._schema))
+                await conn.execute(self._outbox.ddl)
         except BaseException as exc:
             if self._pool is not None:
                 self._pool.terminate()
@@ -452,8 +457,52 @@ class PostgresEventStore(EventStore):
             if error is exc:
                 raise
             raise error from exc
-        if tx.appended:
+        if tx.changed:
             self._notify()
+
+    # -- the outbox and the inbox ----------------------------------------------------
+
+    async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be 1 or more")
+        return messages(await self._fetch("read the outbox", self._outbox.batch, limit))
+
+    async def outbox_sent(self, ids: Sequence[int], *, at: float) -> None:
+        if ids:
+            await self._fetch("mark outbox messages sent", self._outbox.sent, list(ids), at)
+
+    async def outbox_purge(self, sent_before: float) -> int:
+        return await self._status("purge the outbox", self._outbox.purge, sent_before)
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        rows = await self._fetch("count the outbox", self._outbox.counts)
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def handled(self, group: str, message_id: str) -> bool:
+        return bool(await self._fetch("read the inbox", self._outbox.handled, group, message_id))
+
+    async def inbox_purge(self, before: float) -> int:
+        return await self._status("purge the inbox", self._outbox.purge_inbox, before)
+
+    async def _status(self, doing: str, sql: str, *args: object) -> int:
+        pool = self._check()
+        try:
+            async with pool.acquire(timeout=self.settings.connect_timeout) as conn:
+                return count(await conn.execute(sql, *args))
+        except Exception as exc:
+            raise self._error(exc, doing) from exc
+
+    @property
+    def change_count(self) -> int:
+        return self._change
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        await self._listen()
+        changed = self._changed
+        if changed is None or seen != self._change:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
 
     # -- reading ------------------------------------------------------------------
 
@@ -617,7 +666,8 @@ class PostgresTransaction(StoreTransaction):
         self._store = store
         self.connection = connection
         """The transaction's asyncpg connection, for statements in its own style."""
-        self.appended = False
+        self.changed = False  # appended or enqueued: waiting readers look again
+        self._notified = False
         schema = store.settings.schema
         self.namespace = f"{schema}."
         self._sql_load = f"SELECT position FROM {schema}.checkpoints WHERE name = $1"
@@ -643,7 +693,7 @@ class PostgresTransaction(StoreTransaction):
             result = await store._id_conflict(conn, op)
         if isinstance(result, StoreError):
             raise result
-        self.appended = True
+        self.changed = True
         return result
 
     async def execute(self, sql: str, *params: object) -> int:
@@ -657,6 +707,26 @@ class PostgresTransaction(StoreTransaction):
     async def load_checkpoint(self, name: str) -> int:
         position = await self.connection.fetchval(self._sql_load, name)
         return int(position) if position is not None else 0
+
+    async def enqueue(
+        self, channel: str, key: str | None, headers: dict[str, str], body: bytes
+    ) -> None:
+        sql = self._store._outbox
+        await self.connection.execute(
+            sql.enqueue, channel, key, encode_headers(headers), body, time.time()
+        )
+        if not self._notified:  # delivered at commit; once per transaction is enough
+            await self.connection.execute(
+                "SELECT pg_notify($1, 'outbox')", self._store.settings.notify_channel
+            )
+            self._notified = True
+        self.changed = True
+
+    async def record_handled(self, group: str, message_id: str) -> bool:
+        status = await self.connection.execute(
+            self._store._outbox.record, group, message_id, time.time()
+        )
+        return bool(status == "INSERT 0 1")
 
     async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
         await self.connection.execute(self._sql_seed, name)

@@ -37,10 +37,12 @@ from nervus.storage._ahead import ReadAhead
 from nervus.storage._contract import (
     AppendResult,
     EventStore,
+    OutboxMessage,
     RecordedEvent,
     Snapshot,
     StoreTransaction,
 )
+from nervus.storage.sqlite import _outbox as outbox
 from nervus.storage.sqlite._schema import COLUMNS, INSERT, create_schema
 from nervus.storage.sqlite._transaction import SqliteTransactions
 
@@ -140,6 +142,7 @@ class SqliteEventStore(EventStore):
         await self._writer.open()
         try:
             await self._writer.submit(create_schema)
+            await self._writer.submit(outbox.create_tables)
             await self._reader.open()
             await self._transactions.open()
         except BaseException:
@@ -261,6 +264,40 @@ class SqliteEventStore(EventStore):
     async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
         self._check()
         return await self._reader.run(_list_checkpoints, prefix)
+
+    # -- the outbox and the inbox ----------------------------------------------------
+
+    async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
+        self._check()
+        return await self._reader.run(outbox.batch, _limit(limit))
+
+    async def outbox_sent(self, ids: Sequence[int], *, at: float) -> None:
+        self._check()
+        if ids:
+            await self._writer.submit(functools.partial(outbox.mark_sent, list(ids), at))
+
+    async def outbox_purge(self, sent_before: float) -> int:
+        self._check()
+        return await self._writer.submit(functools.partial(outbox.purge, sent_before))
+
+    async def outbox_counts(self) -> tuple[int, int]:
+        self._check()
+        return await self._reader.run(outbox.counts)
+
+    async def handled(self, group: str, message_id: str) -> bool:
+        self._check()
+        return await self._reader.run(outbox.handled, group, message_id)
+
+    async def inbox_purge(self, before: float) -> int:
+        self._check()
+        return await self._writer.submit(functools.partial(outbox.purge_inbox, before))
+
+    async def wait_for_change(self, seen: int, timeout: float) -> None:
+        await self._changes.wait(seen, timeout)
+
+    @property
+    def change_count(self) -> int:
+        return self._changes.version
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StoreTransaction]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,7 @@ from nervus.core import Envelope
 from nervus.errors import StoreError
 from nervus.sql._sqlite import Connection, retry_busy
 from nervus.storage._contract import AppendResult, StoreTransaction
+from nervus.storage.sqlite import _outbox as outbox
 
 
 class SqliteTransactions:
@@ -61,7 +63,7 @@ class SqliteTransactions:
                 await self._conn.run(_rollback)
                 raise
             await self._conn.run(_commit)
-            if tx.appended:
+            if tx.changed:
                 on_commit()
 
 
@@ -78,7 +80,7 @@ class SqliteTransaction(StoreTransaction):
         self._conn = conn
         self._append_fn = append
         self._rows = rows
-        self.appended = False
+        self.changed = False  # appended or enqueued: waiting readers look again
 
     async def append(
         self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
@@ -91,7 +93,7 @@ class SqliteTransaction(StoreTransaction):
         result = _in_savepoint(self._conn.raw, self._append_fn, stream_id, rows, expected_version)
         if isinstance(result, StoreError):
             raise result
-        self.appended = True
+        self.changed = True
         return result
 
     async def execute(self, sql: str, *params: object) -> int:
@@ -106,6 +108,15 @@ class SqliteTransaction(StoreTransaction):
 
     async def move_checkpoint(self, name: str, expected: int, position: int) -> bool:
         return _move_checkpoint(self._conn.raw, name, expected, position)
+
+    async def enqueue(
+        self, channel: str, key: str | None, headers: dict[str, str], body: bytes
+    ) -> None:
+        outbox.enqueue(self._conn.raw, channel, key, headers, body, time.time())
+        self.changed = True
+
+    async def record_handled(self, group: str, message_id: str) -> bool:
+        return outbox.record_handled(self._conn.raw, group, message_id, time.time())
 
 
 def _in_savepoint(

@@ -1,0 +1,79 @@
+"""The outbox and the inbox in the PostgreSQL store's schema.
+
+The outbox's ids come from an identity column: enqueue order, not commit order,
+so the relay reads what is unsent (a partial index keeps that a short scan), never
+what lies past a position, and a row committed late is published late rather than
+skipped. An enqueue sends ``NOTIFY`` on the schema's channel (delivered at
+commit), so a waiting relay looks at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from nervus.storage._contract import OutboxMessage
+
+DDL = """
+CREATE TABLE IF NOT EXISTS {s}.outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel text NOT NULL,
+    key text,
+    headers bytea NOT NULL,
+    body bytea NOT NULL,
+    created double precision NOT NULL,
+    sent double precision
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (id) WHERE sent IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_sent ON {s}.outbox (sent) WHERE sent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.inbox (
+    grp text NOT NULL,
+    message_id text NOT NULL,
+    handled double precision NOT NULL,
+    PRIMARY KEY (grp, message_id)
+);
+CREATE INDEX IF NOT EXISTS inbox_age ON {s}.inbox (handled);
+"""
+
+encode_headers = msgspec.json.Encoder().encode
+_decode_headers = msgspec.json.Decoder(dict[str, str]).decode
+
+
+class OutboxSql:
+    """The statements of one schema."""
+
+    def __init__(self, schema: str) -> None:
+        s = schema
+        self.ddl = DDL.format(s=s)
+        self.enqueue = (
+            f"INSERT INTO {s}.outbox (channel, key, headers, body, created) "
+            "VALUES ($1, $2, $3, $4, $5)"
+        )
+        self.record = (
+            f"INSERT INTO {s}.inbox (grp, message_id, handled) VALUES ($1, $2, $3) "
+            "ON CONFLICT (grp, message_id) DO NOTHING"
+        )
+        self.batch = (
+            f"SELECT id, channel, key, headers, body, created FROM {s}.outbox "
+            "WHERE sent IS NULL ORDER BY id LIMIT $1"
+        )
+        self.sent = f"UPDATE {s}.outbox SET sent = $2 WHERE id = ANY($1::bigint[])"
+        self.purge = f"DELETE FROM {s}.outbox WHERE sent IS NOT NULL AND sent < $1"
+        self.counts = (
+            "SELECT count(*) FILTER (WHERE sent IS NULL), "
+            f"count(*) FILTER (WHERE sent IS NOT NULL) FROM {s}.outbox"
+        )
+        self.handled = f"SELECT 1 FROM {s}.inbox WHERE grp = $1 AND message_id = $2"
+        self.purge_inbox = f"DELETE FROM {s}.inbox WHERE handled < $1"
+
+
+def messages(rows: Sequence[Any]) -> list[OutboxMessage]:
+    return [OutboxMessage(r[0], r[1], r[2], _decode_headers(r[3]), r[4], r[5]) for r in rows]
+
+
+def count(status: str) -> int:
+    """The row count of a command status such as ``DELETE 3``."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
