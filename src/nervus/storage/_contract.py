@@ -279,6 +279,15 @@ class EventStore(ABC):
         """How many outbox messages are unsent, and how many sent ones are kept."""
 
     @abstractmethod
+    async def outbox_reject(self, message: OutboxMessage, reason: str, *, at: float) -> None:
+        """Move an unpublishable message (the broker refused it) from the outbox to the
+        outbox's dead letters, with the reason."""
+
+    @abstractmethod
+    async def outbox_dead_letters(self, limit: int = 100) -> list[tuple[OutboxMessage, str]]:
+        """The newest dead letters of the outbox, with their reasons."""
+
+    @abstractmethod
     async def handled(self, group: str, message_id: str) -> bool:
         """Whether the inbox holds ``message_id`` for ``group``."""
 

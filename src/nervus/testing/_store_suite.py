@@ -440,6 +440,19 @@ class EventStoreConformance:
         assert await store.outbox_counts() == (0, 1)
         assert await store.outbox_batch() == []
 
+    async def test_an_unpublishable_message_moves_to_the_dead_letters(
+        self, store: EventStore
+    ) -> None:
+        async with store.transaction() as tx:
+            await tx.enqueue("c", "k1", {"ce_id": "big"}, b"x" * 1000)
+            await tx.enqueue("c", "k2", {"ce_id": "fine"}, b"ok")
+        big, _ = await store.outbox_batch()
+        await store.outbox_reject(big, "message too large for the broker", at=5.0)
+        assert [m.headers["ce_id"] for m in await store.outbox_batch()] == ["fine"]
+        assert await store.outbox_counts() == (1, 0)
+        (dead,) = await store.outbox_dead_letters()
+        assert dead == (big, "message too large for the broker")
+
     async def test_the_inbox_records_a_message_once_per_group(self, store: EventStore) -> None:
         async with store.transaction() as tx:
             assert await tx.record_handled("payments", "m-1")

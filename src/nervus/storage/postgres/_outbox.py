@@ -28,6 +28,16 @@ CREATE TABLE IF NOT EXISTS {s}.outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (id) WHERE sent IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_sent ON {s}.outbox (sent) WHERE sent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {s}.outbox_dead (
+    id bigint PRIMARY KEY,
+    channel text NOT NULL,
+    key text,
+    headers bytea NOT NULL,
+    body bytea NOT NULL,
+    created double precision NOT NULL,
+    failed double precision NOT NULL,
+    reason text NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {s}.inbox (
     grp text NOT NULL,
     message_id text NOT NULL,
@@ -64,6 +74,15 @@ class OutboxSql:
         self.counts = (
             "SELECT count(*) FILTER (WHERE sent IS NULL), "
             f"count(*) FILTER (WHERE sent IS NOT NULL) FROM {s}.outbox"
+        )
+        self.reject = (
+            f"WITH gone AS (DELETE FROM {s}.outbox WHERE id = $1 RETURNING id) "
+            f"INSERT INTO {s}.outbox_dead SELECT $1, $2, $3, $4, $5, $6, $7, $8 "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+        self.dead = (
+            f"SELECT id, channel, key, headers, body, created, reason FROM {s}.outbox_dead "
+            "ORDER BY failed DESC, id DESC LIMIT $1"
         )
         self.handled = f"SELECT 1 FROM {s}.inbox WHERE grp = $1 AND message_id = $2"
         self.purge_inbox = f"DELETE FROM {s}.inbox WHERE handled < $1"

@@ -478,6 +478,24 @@ class PostgresEventStore(EventStore):
         rows = await self._fetch("count the outbox", self._outbox.counts)
         return int(rows[0][0]), int(rows[0][1])
 
+    async def outbox_reject(self, message: OutboxMessage, reason: str, *, at: float) -> None:
+        await self._fetch(
+            "move an outbox message to its dead letters",
+            self._outbox.reject,
+            message.id,
+            message.channel,
+            message.key,
+            encode_headers(message.headers),
+            message.body,
+            message.created,
+            at,
+            reason,
+        )
+
+    async def outbox_dead_letters(self, limit: int = 100) -> list[tuple[OutboxMessage, str]]:
+        rows = await self._fetch("read the outbox's dead letters", self._outbox.dead, limit)
+        return list(zip(messages(rows), [str(r[6]) for r in rows], strict=True))
+
     async def handled(self, group: str, message_id: str) -> bool:
         return bool(await self._fetch("read the inbox", self._outbox.handled, group, message_id))
 

@@ -26,6 +26,16 @@ CREATE TABLE IF NOT EXISTS nervus_outbox (
 );
 CREATE INDEX IF NOT EXISTS nervus_outbox_unsent ON nervus_outbox (id) WHERE sent IS NULL;
 CREATE INDEX IF NOT EXISTS nervus_outbox_sent ON nervus_outbox (sent) WHERE sent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS nervus_outbox_dead (
+    id INTEGER PRIMARY KEY,
+    channel TEXT NOT NULL,
+    key TEXT,
+    headers BLOB NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL,
+    failed REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nervus_inbox (
     grp TEXT NOT NULL,
     message_id TEXT NOT NULL,
@@ -104,3 +114,31 @@ def handled(conn: sqlite3.Connection, group: str, message_id: str) -> bool:
 
 def purge_inbox(before: float, conn: sqlite3.Connection) -> int:
     return conn.execute("DELETE FROM nervus_inbox WHERE handled < ?", (before,)).rowcount
+
+
+def reject(message: OutboxMessage, reason: str, at: float, conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO nervus_outbox_dead VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.channel,
+            message.key,
+            _encode(message.headers),
+            message.body,
+            message.created,
+            at,
+            reason,
+        ),
+    )
+    conn.execute("DELETE FROM nervus_outbox WHERE id = ?", (message.id,))
+
+
+def dead_letters(conn: sqlite3.Connection, limit: int) -> list[tuple[OutboxMessage, str]]:
+    return [
+        (OutboxMessage(i, c, k, _decode_headers(h), bytes(b), created), reason)
+        for i, c, k, h, b, created, reason in conn.execute(
+            "SELECT id, channel, key, headers, body, created, reason FROM nervus_outbox_dead "
+            "ORDER BY failed DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+    ]

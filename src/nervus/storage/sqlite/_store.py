@@ -284,6 +284,14 @@ class SqliteEventStore(EventStore):
         self._check()
         return await self._reader.run(outbox.counts)
 
+    async def outbox_reject(self, message: OutboxMessage, reason: str, *, at: float) -> None:
+        self._check()
+        await self._writer.submit(functools.partial(outbox.reject, message, reason, at))
+
+    async def outbox_dead_letters(self, limit: int = 100) -> list[tuple[OutboxMessage, str]]:
+        self._check()
+        return await self._reader.run(outbox.dead_letters, _limit(limit))
+
     async def handled(self, group: str, message_id: str) -> bool:
         self._check()
         return await self._reader.run(outbox.handled, group, message_id)
