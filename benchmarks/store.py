@@ -216,17 +216,18 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], store: str) -> dict[str, 
                 ),
                 "operations": values[0]["operations"],
             }
+        # the ratio of each round (both sides measured turn by turn, under the same
+        # load), and their median: steadier than the ratio of the medians
         ratios: dict[str, Any] = {}
-        nervus = entry["nervus"].get("per_s")
         for other in ("raw", "eventsourcing"):
-            theirs = entry[other].get("per_s")
-            if nervus and theirs:
-                ratios[f"nervus_to_{other}"] = round(nervus / theirs, 3)
-                ratios[f"nervus_to_{other}_each_round"] = [
-                    round(r["nervus"][figure]["per_s"] / r[other][figure]["per_s"], 3)
-                    for r in rounds
-                    if "error" not in r
-                ]
+            each = [
+                r["nervus"][figure]["per_s"] / r[other][figure]["per_s"]
+                for r in rounds
+                if "error" not in r
+            ]
+            if each:
+                ratios[f"nervus_to_{other}"] = round(statistics.median(each), 3)
+                ratios[f"nervus_to_{other}_each_round"] = [round(x, 3) for x in each]
         entry["ratios"] = ratios
         target = TARGETS[store].get(figure)
         if target is not None:
