@@ -4,6 +4,7 @@ dead-lettering after the last attempt, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import signal
@@ -221,12 +222,14 @@ async def test_dead_lettered_after_the_last_attempt_with_the_reason(make_url: Ur
     async with svc:
         await svc.publish(StepDone(job="j", n=42))
         await svc.publish(StepDone(job="other", n=1))
-        await wait_for(lambda: len(runs) == 12, within=20.0)
+        # >=: at-least-once allows a loaded machine an extra delivery (a lease lost)
+        await wait_for(lambda: len(runs) >= 12, within=20.0)
         dead: list[Delivery] = []
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(20):
             while len(dead) < 2:
                 dead += await drain(url, dlq, "inspect-dlq", poll=0.05)
-    assert sorted(runs) == sorted([1, 1, 2, 2, 3, 3] * 2)
+    counted = collections.Counter(runs)
+    assert set(counted) == {1, 2, 3} and all(counted[a] >= 4 for a in (1, 2, 3)), runs
     by_n = {d.headers["nervus_dlq_message"].rsplit(" ", 1)[-1].rstrip("')"): d for d in dead}
     d = by_n["42"]
     assert d.headers["nervus_dlq_reason"] == "handler-failed"

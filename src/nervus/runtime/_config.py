@@ -57,6 +57,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     publish_timeout: float = 30.0
     """Seconds a publish keeps retrying while the broker is unreachable, with backoff,
     before it raises (``NERVUS_PUBLISH_TIMEOUT``); 0 raises at once."""
+    inbox_retention: float = 7 * 86400.0
+    """Seconds a handled message's id stays in the inbox (``NERVUS_INBOX_RETENTION``):
+    a redelivery later than that runs its handler again."""
+    outbox_retention: float = 3600.0
+    """Seconds a published outbox message is kept before it is purged
+    (``NERVUS_OUTBOX_RETENTION``)."""
     log_level: str = "INFO"
     """Level of nervus's log output (``NERVUS_LOG_LEVEL``)."""
 
@@ -73,6 +79,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         problems += _at_least(self, "backoff_multiplier", 1.0)
         problems += _at_least(self, "shutdown_timeout", 0.0)
         problems += _at_least(self, "publish_timeout", 0.0)
+        problems += _positive(self, "inbox_retention")
+        problems += _at_least(self, "outbox_retention", 0.0)
         if not (
             _finite(self.backoff_jitter) and 0.0 <= self.backoff_jitter <= 1.0
         ):  # also catches NaN

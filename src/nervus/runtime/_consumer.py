@@ -21,6 +21,7 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -30,6 +31,7 @@ from nervus.errors import DecodeError, NervusError, TransportClosed
 from nervus.runtime._context import CURRENT, Context
 from nervus.runtime._dispatch import KeyedDispatcher
 from nervus.runtime._handlers import Registration
+from nervus.runtime._outbox import Inbox, ServiceTransaction
 from nervus.runtime._outgoing import group_by_channel
 from nervus.runtime._publishing import Outage
 from nervus.runtime._retry import RetryPolicy
@@ -62,6 +64,9 @@ class GroupConsumer:
         clock: Clock,
         on_failure: Callable[[BaseException], None],
         publish: Callable[[str, list[OutgoingMessage]], Awaitable[None]],
+        inbox: Inbox | None = None,
+        transactions: Callable[[Context], AbstractAsyncContextManager[ServiceTransaction]]
+        | None = None,
     ) -> None:
         self.service = service
         self.group = group
@@ -74,6 +79,8 @@ class GroupConsumer:
         self._clock = clock
         self._on_failure = on_failure
         self._publish = publish
+        self._inbox = inbox
+        self._transactions = transactions
         self.fetch_outage = Outage()
         self._source = "/nervus/" + service
         self._sub: Subscription | None = None
@@ -234,14 +241,36 @@ class GroupConsumer:
         d, envelope, event, reg = work
         runs = self._retry.immediate_retries + 1
         error: Exception | None = None
+        inbox = self._inbox if reg.inbox else None
         for run in range(1, runs + 1):
-            ctx = Context(envelope, d, group=self.group, service=self.service, logger=reg.logger)
+            if inbox is not None:
+                try:
+                    seen = await inbox.seen(self.group, envelope.id)
+                except Exception as exc:
+                    error = exc
+                    continue
+                if seen:  # handled before: a redelivery
+                    inbox.duplicates += 1
+                    self._acks.append(d)
+                    self._settle_wake.set()
+                    return
+            ctx = Context(
+                envelope,
+                d,
+                group=self.group,
+                service=self.service,
+                logger=reg.logger,
+                transactions=self._transactions,
+                inbox=inbox is not None,
+            )
             token = CURRENT.set(ctx)
             try:
                 await reg.fn(event, ctx)
                 staged = ctx.staged()
                 if staged:
                     await self._publish_staged(staged)
+                if inbox is not None and not ctx.recorded:
+                    await inbox.record(self.group, envelope.id)
             except Exception as exc:
                 error = exc
                 log.warning(

@@ -4,14 +4,19 @@ logger, and ``publish`` for the events it causes."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nervus.core import Envelope, Message
+from nervus.errors import ConfigurationError
 from nervus.runtime._outgoing import encode
 from nervus.transports import Delivery, OutgoingMessage
+
+if TYPE_CHECKING:
+    from nervus.runtime._outbox import ServiceTransaction
 
 CURRENT: ContextVar[Context | None] = ContextVar("nervus_handling", default=None)
 """The context of the message being handled by the running task (set by the runtime)."""
@@ -56,7 +61,17 @@ class Context:
     conversation: same correlation id, causation id = the handled event's id.
     """
 
-    __slots__ = ("_delivery", "_group", "_logger", "_service", "_staged", "envelope")
+    __slots__ = (
+        "_delivery",
+        "_group",
+        "_logger",
+        "_service",
+        "_staged",
+        "_transactions",
+        "envelope",
+        "inbox",
+        "recorded",
+    )
 
     def __init__(
         self,
@@ -66,8 +81,14 @@ class Context:
         group: str,
         service: str,
         logger: logging.Logger,
+        transactions: Callable[[Context], AbstractAsyncContextManager[ServiceTransaction]]
+        | None = None,
+        inbox: bool = False,
     ) -> None:
         self.envelope = envelope
+        self._transactions = transactions
+        self.inbox = inbox  # record the message in the group's inbox
+        self.recorded = False  # a transaction of this handling recorded it
         self._delivery = delivery
         self._group = group
         self._service = service
@@ -113,6 +134,21 @@ class Context:
                 event, source=self._service_source, key=key, subject=subject, cause=self.envelope
             )
         )
+
+    def transaction(self) -> AbstractAsyncContextManager[ServiceTransaction]:
+        """One store transaction for the handler's own SQL, the events it publishes
+        (through the outbox: sent if, and once, it commits) and, with ``inbox=True``,
+        the record that its group handled this message."""
+        if self._transactions is None:
+            raise ConfigurationError(
+                [f"service {self._service!r}: transactions need the service's store"]
+            )
+        return self._transactions(self)
+
+    @property
+    def group(self) -> str:
+        """The consumer group handling the message."""
+        return self._group
 
     @property
     def _service_source(self) -> str:

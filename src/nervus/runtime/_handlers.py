@@ -29,6 +29,8 @@ class Registration:
     fn: Callable[[Any, Context], Awaitable[None]]
     name: str
     logger: logging.Logger = field(compare=False)
+    inbox: bool = False
+    """Redeliveries of a message this group handled are acknowledged, not handled."""
 
 
 def describe(fn: Callable[..., object]) -> str:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 
 from nervus.core import REGISTRY, TypeRegistry, channel_of_type
+from nervus.runtime._lease import Lease
 from nervus.storage import EventStore, RecordedEvent
 from nervus.transports import OutgoingMessage
 
@@ -37,7 +37,6 @@ log = logging.getLogger("nervus.relay")
 Publish = Callable[[str, list[OutgoingMessage]], Awaitable[None]]
 """Publishes messages to a channel, retrying through outages (the service's)."""
 
-_OWNER_BITS = 20
 _RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 
 
@@ -61,35 +60,17 @@ class Relay:
         self.batch = batch
         self.lease_seconds = lease_seconds
         self._checkpoint = f"relay:{name}"
-        self._lease = f"relay:{name}:lease"
-        self._owner = random.getrandbits(_OWNER_BITS)
+        self._lease = Lease(store, f"relay:{name}:lease", lease_seconds)
         self.published = 0  # events this relay published
         self.error: str | None = None
 
-    # -- the lease -------------------------------------------------------------------
-
-    def _lease_value(self, until: float) -> int:
-        return (int(until * 1000) << _OWNER_BITS) | self._owner
-
     async def acquire(self) -> bool:
         """Take or renew the lease; False while another relay holds it."""
-        now = time.time()
-        async with self.store.transaction() as tx:
-            current = await tx.load_checkpoint(self._lease)
-            holder, until = current & ((1 << _OWNER_BITS) - 1), (current >> _OWNER_BITS) / 1000
-            if current and holder != self._owner and until > now:
-                return False
-            return await tx.move_checkpoint(
-                self._lease, current, self._lease_value(now + self.lease_seconds)
-            )
+        return await self._lease.acquire()
 
     async def release(self) -> None:
         """Give the lease up (on a clean stop), so another relay takes over at once."""
-        with contextlib.suppress(Exception):
-            async with self.store.transaction() as tx:
-                current = await tx.load_checkpoint(self._lease)
-                if current & ((1 << _OWNER_BITS) - 1) == self._owner:
-                    await tx.move_checkpoint(self._lease, current, 0)
+        await self._lease.release()
 
     # -- publishing ------------------------------------------------------------------
 

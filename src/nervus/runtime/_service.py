@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
@@ -28,8 +30,9 @@ from nervus.errors import ConfigurationError
 from nervus.runtime import _publishing as publishing
 from nervus.runtime._config import Settings
 from nervus.runtime._consumer import GroupConsumer
-from nervus.runtime._context import CURRENT
+from nervus.runtime._context import CURRENT, Context
 from nervus.runtime._handlers import E, Handler, Registration, describe
+from nervus.runtime._outbox import Inbox, OutboxRelay, ServiceTransaction, open_transaction
 from nervus.runtime._outgoing import encode, group_by_channel
 from nervus.runtime._relay import Relay
 from nervus.runtime._retry import RetryPolicy
@@ -98,6 +101,7 @@ class Service:
         registry: TypeRegistry = REGISTRY,
         store: EventStore | None = None,
         relay: bool | None = None,
+        outbox: bool = False,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigurationError(
@@ -122,6 +126,10 @@ class Service:
         if store is not None:
             self._sourcing.use_store(store)
         self._relay = relay
+        self._outbox = outbox
+        self.inbox = Inbox(lambda: self.store)
+        self._outbox_relay: OutboxRelay | None = None
+        self._outbox_task: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> str:
@@ -134,11 +142,15 @@ class Service:
     # -- declaring handlers ---------------------------------------------------------
 
     def on(
-        self, event_type: type[E], *, group: str | None = None
+        self, event_type: type[E], *, group: str | None = None, inbox: bool = False
     ) -> Callable[[Handler[E]], Handler[E]]:
         """Register the decorated ``async def handler(event, ctx)`` for ``event_type``
         in consumer ``group`` (default: the service name). Each group reads the
-        channels of the types it handles; each type has one handler per group."""
+        channels of the types it handles; each type has one handler per group.
+
+        ``inbox=True`` gives the handler exactly-once effects in the store: a
+        message the group handled before is acknowledged without running it, and
+        ``ctx.transaction()`` records the message with the handler's writes."""
         group_name = self.name if group is None else group
         if not _NAME.match(group_name):
             raise ConfigurationError(
@@ -174,6 +186,7 @@ class Service:
                 fn=fn,
                 name=describe(fn),
                 logger=logging.getLogger(getattr(fn, "__module__", None) or "nervus.handlers"),
+                inbox=inbox,
             )
             return fn
 
@@ -252,6 +265,38 @@ class Service:
     def relay(self) -> Relay | None:
         """The relay publishing the store's events, while the service runs one."""
         return self._sourcing.relay
+
+    # -- the outbox and the inbox -----------------------------------------------------
+
+    def transaction(self) -> AbstractAsyncContextManager[ServiceTransaction]:
+        """One store transaction for your own SQL and the events you publish in it
+        (``tx.publish``: sent through the outbox if, and once, it commits). Inside a
+        handler it is ``ctx.transaction()``."""
+        ctx = CURRENT.get()
+        if ctx is not None:
+            return ctx.transaction()
+        return open_transaction(self.store, source=self.source, cause=None, inbox=None)
+
+    @contextlib.asynccontextmanager
+    async def _handler_transaction(self, ctx: Context) -> AsyncIterator[ServiceTransaction]:
+        await self._sourcing.connect()
+        record = (ctx.group, ctx.envelope.id) if ctx.inbox and not ctx.recorded else None
+        async with open_transaction(
+            self.store, source=self.source, cause=ctx.envelope, inbox=record
+        ) as tx:
+            yield tx
+        if record is not None:
+            ctx.recorded = True
+
+    @property
+    def outbox_relay(self) -> OutboxRelay | None:
+        """The relay publishing the outbox, while the service runs one."""
+        return self._outbox_relay
+
+    def _uses_outbox(self) -> bool:
+        if self._relay is False:
+            return False
+        return self._outbox or any(r.inbox for g in self._groups.values() for r in g.values())
 
     # -- the transport --------------------------------------------------------------
 
@@ -340,6 +385,8 @@ class Service:
                 fetching=failing is None,
             )
         problems += self._sourcing.problems()
+        if self._outbox_relay is not None and self._outbox_relay.error:
+            problems.append(f"outbox relay: {self._outbox_relay.error}")
         if self._failure is not None:
             problems.append(f"a consumer failed: {self._failure!r}")
         return Health(
@@ -365,6 +412,12 @@ class Service:
             relay = self._relay if self._relay is not None else bool(self._sourcing.commands)
             if self._sourcing.active or relay:
                 await self._sourcing.start(relay=relay)
+            if self._uses_outbox():
+                await self._sourcing.connect()
+                self._outbox_relay = OutboxRelay(
+                    self.store, self._publish, retention=self.settings.outbox_retention
+                )
+                self._outbox_task = asyncio.create_task(self._outbox_relay.run(), name="outbox")
             for group, registrations in sorted(self._groups.items()):
                 consumer = GroupConsumer(
                     service=self.name,
@@ -377,6 +430,8 @@ class Service:
                     clock=self._clock,
                     on_failure=self._consumer_failed,
                     publish=self._publish,
+                    inbox=self.inbox,
+                    transactions=self._handler_transaction,
                 )
                 await consumer.start()
                 self._consumers.append(consumer)
@@ -428,7 +483,11 @@ class Service:
                     log.error("closing group %r failed: %r", consumer.group, result)
                     if self._failure is None:
                         self._failure = result
-            await self._sourcing.stop()  # the relay publishes through the transport
+            await self._sourcing.stop()  # the relays publish through the transport
+            if self._outbox_task is not None:
+                self._outbox_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._outbox_task
             if self._transport is not None:
                 await self._transport.close()
             await self._sourcing.close()
