@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from nervus import Context, Event, Service, Settings
@@ -15,8 +16,6 @@ from nervus.errors import TransportError, TransportUnavailable
 from nervus.runtime._outgoing import encode
 from nervus.transports import Delivery, OutgoingMessage, from_url
 from nervus.transports.memory import MemoryTransport
-
-pytestmark = pytest.mark.unit
 
 
 class Transfer(Event, type="ob.money.transfer-requested.v1", key="account"):
@@ -57,23 +56,41 @@ async def read(url: str, channel: str, at_least: int, within: float = 10.0) -> l
     return got
 
 
-@pytest.fixture
-def urls(tmp_path: Path) -> tuple[str, str]:
-    return f"memory://{uuid.uuid4().hex}?partitions=4", f"sqlite:///{tmp_path}/ledger.db"
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.unit),
+        pytest.param("postgres", marks=[pytest.mark.integration, pytest.mark.postgres]),
+    ]
+)
+async def urls(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """A fresh in-memory broker, and a fresh store on SQLite or PostgreSQL."""
+    memory = f"memory://{uuid.uuid4().hex}?partitions=4"
+    if request.param == "sqlite":
+        yield memory, f"sqlite:///{tmp_path}/ledger.db"
+        return
+    postgres_url: str = request.getfixturevalue("postgres_url")
+    schema = f"nervus_outbox_{uuid.uuid4().hex[:12]}"
+    yield memory, f"{postgres_url}?schema={schema}&poll_interval=0.2"
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 async def balances(service: Service) -> dict[str, int]:
     async with service.transaction() as tx:
-        rows = await tx.fetch("SELECT account, cents FROM balances ORDER BY account")
+        rows = await tx.fetch(f"SELECT account, cents FROM {tx.namespace}balances ORDER BY account")
     return {str(a): int(c) for a, c in rows}  # type: ignore[call-overload]
 
 
 async def create_table(service: Service) -> None:
     async with service.transaction() as tx:
         await tx.execute(
-            "CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, cents INTEGER)"
+            f"CREATE TABLE IF NOT EXISTS {tx.namespace}balances "
+            "(account TEXT PRIMARY KEY, cents INTEGER)"
         )
-        await tx.execute("INSERT INTO balances VALUES ('a', 1000), ('b', 1000)")
+        await tx.execute(f"INSERT INTO {tx.namespace}balances VALUES ('a', 1000), ('b', 1000)")
 
 
 async def test_writes_and_published_events_commit_together(urls: tuple[str, str]) -> None:
@@ -82,12 +99,16 @@ async def test_writes_and_published_events_commit_together(urls: tuple[str, str]
     async with ledger:
         await create_table(ledger)
         async with ledger.transaction() as tx:
-            await tx.execute("UPDATE balances SET cents = cents - 100 WHERE account = 'a'")
+            await tx.execute(
+                f"UPDATE {tx.namespace}balances SET cents = cents - 100 WHERE account = 'a'"
+            )
             await tx.publish(Debited(transfer_id="t1", account="a", cents=100))
 
         async def fails() -> None:
             async with ledger.transaction() as tx:
-                await tx.execute("UPDATE balances SET cents = cents - 500 WHERE account = 'b'")
+                await tx.execute(
+                    f"UPDATE {tx.namespace}balances SET cents = cents - 500 WHERE account = 'b'"
+                )
                 await tx.publish(Debited(transfer_id="t2", account="b", cents=500))
                 raise RuntimeError("the business rule said no")
 
@@ -118,7 +139,7 @@ async def test_the_inbox_makes_a_redelivered_message_take_effect_once(
         runs += 1
         async with ctx.transaction() as tx:
             await tx.execute(
-                "UPDATE balances SET cents = cents - ? WHERE account = ?",
+                f"UPDATE {tx.namespace}balances SET cents = cents - ? WHERE account = ?",
                 event.cents,
                 event.account,
             )
@@ -158,7 +179,7 @@ async def test_a_handler_failing_after_its_commit_does_not_repeat_the_effect(
         runs += 1
         async with ctx.transaction() as tx:
             await tx.execute(
-                "UPDATE balances SET cents = cents - ? WHERE account = ?",
+                f"UPDATE {tx.namespace}balances SET cents = cents - ? WHERE account = ?",
                 event.cents,
                 event.account,
             )
