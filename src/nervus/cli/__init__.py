@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from nervus.cli._outbox import app as outbox_app
+from nervus.cli._outbox import relay_command
 from nervus.cli._projections import app as projections_app
 from nervus.cli._run import run_command
 
@@ -22,7 +24,9 @@ def _root() -> None:
 
 
 app.command("run")(run_command)
+app.command("relay")(relay_command)
 app.add_typer(projections_app)
+app.add_typer(outbox_app)
 
 
 def main() -> None:

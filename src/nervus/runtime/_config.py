@@ -57,6 +57,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     publish_timeout: float = 30.0
     """Seconds a publish keeps retrying while the broker is unreachable, with backoff,
     before it raises (``NERVUS_PUBLISH_TIMEOUT``); 0 raises at once."""
+    relay: bool = True
+    """Run the relays (the store's log and the outbox to the transport) inside each
+    service that needs them (``NERVUS_RELAY``); ``0`` when ``nervus relay`` runs them
+    as a process of their own."""
     inbox_retention: float = 7 * 86400.0
     """Seconds a handled message's id stays in the inbox (``NERVUS_INBOX_RETENTION``):
     a redelivery later than that runs its handler again."""

@@ -294,9 +294,17 @@ class Service:
         return self._outbox_relay
 
     def _uses_outbox(self) -> bool:
-        if self._relay is False:
-            return False
-        return self._outbox or any(r.inbox for g in self._groups.values() for r in g.values())
+        if self._relay is not None:
+            return self._relay and (self._outbox or self._has_inbox())
+        return self.settings.relay and (self._outbox or self._has_inbox())
+
+    def _has_inbox(self) -> bool:
+        return any(r.inbox for g in self._groups.values() for r in g.values())
+
+    def _relays_log(self) -> bool:
+        if self._relay is not None:
+            return self._relay
+        return self.settings.relay and bool(self._sourcing.commands)
 
     # -- the transport --------------------------------------------------------------
 
@@ -409,7 +417,7 @@ class Service:
         if self._stop_requested is None:
             self._stop_requested = asyncio.Event()
         try:
-            relay = self._relay if self._relay is not None else bool(self._sourcing.commands)
+            relay = self._relays_log()
             if self._sourcing.active or relay:
                 await self._sourcing.start(relay=relay)
             if self._uses_outbox():
