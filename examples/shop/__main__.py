@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fail-rate", type=float, default=0.1, help="share of payments declined")
     parser.add_argument("--poison", type=int, default=2, help="undecodable messages to inject")
+    parser.add_argument(
+        "--duplicates", type=int, default=20, help="reservations to deliver a second time"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many s")
     parser.add_argument("--state", default=".nervus/shop", help="folder for the log and tables")
     parser.add_argument(
@@ -72,9 +76,10 @@ def make_orders(count: int, rng: random.Random) -> list[PlaceOrder]:
 class Processes:
     """The services, each in a process of its own, started with ``nervus run``."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, stores: dict[str, str]) -> None:
         self._env = env
         self._log_dir = log_dir
+        self._stores = stores
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
@@ -82,7 +87,7 @@ class Processes:
             log = open(self._log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             self._procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "nervus", "run", f"examples.shop.{name}:service"],
-                env=self._env,
+                env={**self._env, "NERVUS_STORE": self._stores[name]},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -99,6 +104,14 @@ class Processes:
             if self.crashed():
                 return
             await asyncio.sleep(0.05)
+
+    def suppressed(self) -> int:
+        """Redelivered messages the services' inboxes suppressed (from their logs)."""
+        total = 0
+        for name in self._procs:
+            text = (self._log_dir / f"{name}.log").read_text(errors="replace")
+            total += sum(int(n) for n in re.findall(r"the inbox suppressed (\d+)", text))
+        return total
 
     def crashed(self) -> list[str]:
         return [n for n, p in self._procs.items() if p.poll() is not None]
@@ -124,10 +137,21 @@ def prepare(args: argparse.Namespace) -> Path:
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
     os.environ.setdefault("NERVUS_TRANSPORT", f"sqlite:///{state}/log.db")
-    os.environ.setdefault("NERVUS_STORE", f"sqlite:///{state}/orders-store.db")
+    # each service keeps its own database (on PostgreSQL, when NERVUS_STORE says so,
+    # they share one database, each with its own tables)
+    os.environ.setdefault("NERVUS_STORE", f"sqlite:///{state}/store.db")
     os.environ[STATE_DIR_VARIABLE] = str(state)
     os.environ[FAIL_RATE_VARIABLE] = str(args.fail_rate)
     return state
+
+
+def stores(state: Path, in_process: bool) -> dict[str, str]:
+    """The store of each service: a SQLite file each by default (one shared file when
+    they run in one process), or the one ``NERVUS_STORE`` names."""
+    shared = os.environ["NERVUS_STORE"]
+    if in_process or not shared.startswith("sqlite:") or shared != f"sqlite:///{state}/store.db":
+        return {name: shared for name in SERVICE_NAMES}
+    return {name: f"sqlite:///{state}/{name}-store.db" for name in SERVICE_NAMES}
 
 
 async def main(args: argparse.Namespace, state: Path) -> int:
@@ -141,38 +165,75 @@ async def main(args: argparse.Namespace, state: Path) -> int:
     started = time.perf_counter()
     async with storefront:
         await audit.start(storefront.transport)
+        store_of = stores(state, args.in_process)
         if args.in_process:
             for svc in services.values():
                 await svc.start()
         else:
-            processes = Processes(dict(os.environ), state)
+            processes = Processes(dict(os.environ), state, store_of)
             processes.start()
             await processes.wait_started()
         try:
             publishing = asyncio.create_task(_place(storefront, placed, audit, args.rate))
             await audit.inject_poison(storefront.transport, args.poison)
+            duplicating = asyncio.create_task(
+                audit.inject_duplicates(
+                    storefront.transport, args.duplicates, within=args.timeout / 2
+                )
+            )
             finished = await audit.watch(
                 timeout=args.timeout,
                 crashed=processes.crashed if processes else lambda: [],
                 expected_dead_letters=audit.expected_dead_letters(args.poison),
             )
             await publishing
+            injected = await duplicating
             if finished:
-                await _read_model_caught_up(timeout=30.0)
+                await _read_model_caught_up(store_of["orders"], timeout=30.0)
         finally:
             exit_codes = processes.stop() if processes else await _stop_in_process(services)
             await audit.close()
     elapsed = time.perf_counter() - started
-    statuses, history = await _read_model()
-    books = audit.books(inventory_db=state / "inventory.db", order_statuses=statuses)
-    ok = render(audit, books, exit_codes, elapsed, finished, history)
+    statuses, history = await _read_model(store_of["orders"])
+    stock, charged = await _tables(store_of["inventory"], store_of["payments"])
+    books = audit.books(stock_available=stock, order_statuses=statuses)
+    if charged != len(audit.reserved):
+        books.problems.append(
+            f"payments holds {charged} payments for {len(audit.reserved)} reservations"
+        )
+    suppressed = (
+        processes.suppressed()
+        if processes
+        else sum(svc.inbox.duplicates for svc in services.values())
+    )
+    ok = render(audit, books, exit_codes, elapsed, finished, history, (injected, suppressed))
     return 0 if ok else 1
 
 
-async def _read_model_caught_up(timeout: float) -> None:
+async def _tables(inventory: str, payments: str) -> tuple[dict[str, int] | None, int]:
+    """Inventory's stock per SKU (None before it created its tables), and how many
+    payments the payments table holds."""
+    async with store_from_url(inventory) as store:
+        try:
+            async with store.transaction() as tx:
+                rows = await tx.fetch(f"SELECT sku, available FROM {tx.namespace}stock")
+            stock: dict[str, int] | None = {str(s): int(str(a)) for s, a in rows}
+        except Exception:
+            stock = None
+    async with store_from_url(payments) as store:
+        try:
+            async with store.transaction() as tx:
+                (count,) = await tx.fetch(f"SELECT count(*) FROM {tx.namespace}payments")
+            charged = int(str(count[0]))
+        except Exception:
+            charged = 0
+    return stock, charged
+
+
+async def _read_model_caught_up(url: str, timeout: float) -> None:
     """Wait (bounded) until the order-history projection has applied the whole log."""
     deadline = time.monotonic() + timeout
-    async with store_from_url(os.environ["NERVUS_STORE"]) as store:
+    async with store_from_url(url) as store:
         while time.monotonic() < deadline:
             found = [s for s in await projection_statuses(store) if s.name == "order-history"]
             if found and found[0].lag == 0:
@@ -180,9 +241,9 @@ async def _read_model_caught_up(timeout: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _read_model() -> tuple[dict[str, int], ProjectionStatus | None]:
+async def _read_model(url: str) -> tuple[dict[str, int], ProjectionStatus | None]:
     """Orders per status in the order-history read model, and the projection's status."""
-    async with store_from_url(os.environ["NERVUS_STORE"]) as store:
+    async with store_from_url(url) as store:
         found = [s for s in await projection_statuses(store) if s.name == "order-history"]
         if not found:
             return {}, None

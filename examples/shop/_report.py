@@ -26,6 +26,7 @@ def render(
     elapsed: float,
     finished: bool,
     history: ProjectionStatus | None,
+    duplicates: tuple[int, int],
 ) -> bool:
     """Print the summary; True when every order settled, the books balance and every
     service stopped cleanly."""
@@ -46,6 +47,10 @@ def render(
     table.add_row("stock released + shipped", f"{books.released:,} + {books.shipped:,}")
     dead = ", ".join(f"{k}: {v}" for k, v in sorted(audit.dead_letters.items())) or "0"
     table.add_row("messages dead-lettered", dead)
+    table.add_row(
+        "redelivered messages suppressed by the inbox",
+        f"{duplicates[1]:,} ({duplicates[0]:,} reservations delivered twice)",
+    )
     if history is not None:
         table.add_row(
             "order-history read model",

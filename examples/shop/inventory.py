@@ -1,10 +1,13 @@
-"""Inventory: reserves stock for new orders and releases it when payment fails."""
+"""Inventory: reserves stock for new orders and releases it when payment fails.
+
+Stock and reservations are ordinary tables in inventory's store. Each handler
+changes them in the same transaction as the events it publishes (through the
+outbox) and the inbox record of the message it handles, so a message delivered
+twice changes the stock once and is answered once.
+"""
 
 from __future__ import annotations
 
-import sqlite3
-
-from examples.shop._state import open_db
 from examples.shop.events import (
     OrderPlaced,
     PaymentFailed,
@@ -24,81 +27,91 @@ INITIAL_STOCK = {
     "sku-limited": 3000,
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, available INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS reservations (
-    order_id TEXT PRIMARY KEY, sku TEXT NOT NULL, quantity INTEGER NOT NULL,
-    status TEXT NOT NULL  -- reserved | released
-);
-"""
-_db: sqlite3.Connection | None = None
+_tables_ready = False
 
 
-def db() -> sqlite3.Connection:
-    global _db
-    if _db is None:
-        _db = open_db("inventory", _SCHEMA)
-        _db.executemany(
-            "INSERT OR IGNORE INTO stock (sku, available) VALUES (?, ?)", INITIAL_STOCK.items()
+async def create_tables() -> None:
+    """Create and stock the tables once per process (idempotent)."""
+    global _tables_ready
+    if _tables_ready:
+        return
+    async with service.transaction() as tx:
+        ns = tx.namespace
+        await tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {ns}stock "
+            "(sku TEXT PRIMARY KEY, available INTEGER NOT NULL)"
         )
-    return _db
+        await tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {ns}reservations (order_id TEXT PRIMARY KEY, "
+            "sku TEXT NOT NULL, quantity INTEGER NOT NULL, status TEXT NOT NULL)"
+        )
+        for sku, units in INITIAL_STOCK.items():
+            await tx.execute(
+                f"INSERT INTO {ns}stock VALUES (?, ?) ON CONFLICT (sku) DO NOTHING", sku, units
+            )
+    _tables_ready = True
 
 
-@service.on(OrderPlaced)
+@service.on(OrderPlaced, inbox=True)
 async def reserve(event: OrderPlaced, ctx: Context) -> None:
-    con = db()
-    with con:
-        con.execute("BEGIN IMMEDIATE")
-        known = con.execute(
-            "SELECT status FROM reservations WHERE order_id = ?", (event.order_id,)
-        ).fetchone()
-        if known is None:
-            taken = con.execute(
-                "UPDATE stock SET available = available - ? WHERE sku = ? AND available >= ?",
-                (event.quantity, event.sku, event.quantity),
-            ).rowcount
-            status = "reserved" if taken else "rejected"
-            con.execute(
-                "INSERT INTO reservations (order_id, sku, quantity, status) VALUES (?, ?, ?, ?)",
-                (event.order_id, event.sku, event.quantity, status),
+    await create_tables()
+    async with ctx.transaction() as tx:
+        ns = tx.namespace
+        taken = await tx.execute(
+            f"UPDATE {ns}stock SET available = available - ? WHERE sku = ? AND available >= ?",
+            event.quantity,
+            event.sku,
+            event.quantity,
+        )
+        status = "reserved" if taken else "rejected"
+        await tx.execute(
+            f"INSERT INTO {ns}reservations VALUES (?, ?, ?, ?)",
+            event.order_id,
+            event.sku,
+            event.quantity,
+            status,
+        )
+        if status == "rejected":
+            await tx.publish(
+                StockRejected(
+                    order_id=event.order_id,
+                    sku=event.sku,
+                    quantity=event.quantity,
+                    reason="out of stock",
+                )
             )
         else:
-            status = known[0]
-    if status == "rejected":
-        await ctx.publish(
-            StockRejected(
-                order_id=event.order_id,
-                sku=event.sku,
-                quantity=event.quantity,
-                reason="out of stock",
+            await tx.publish(
+                StockReserved(
+                    order_id=event.order_id,
+                    sku=event.sku,
+                    quantity=event.quantity,
+                    amount_cents=event.amount_cents,
+                )
             )
-        )
-    else:
-        await ctx.publish(
-            StockReserved(
-                order_id=event.order_id,
-                sku=event.sku,
-                quantity=event.quantity,
-                amount_cents=event.amount_cents,
-            )
-        )
 
 
-@service.on(PaymentFailed)
+@service.on(PaymentFailed, inbox=True)
 async def release(event: PaymentFailed, ctx: Context) -> None:
-    con = db()
-    with con:
-        con.execute("BEGIN IMMEDIATE")
-        row = con.execute(
-            "SELECT sku, quantity, status FROM reservations WHERE order_id = ?", (event.order_id,)
-        ).fetchone()
-        if row is None:
+    await create_tables()
+    async with ctx.transaction() as tx:
+        ns = tx.namespace
+        rows = await tx.fetch(
+            f"SELECT sku, quantity, status FROM {ns}reservations WHERE order_id = ?",
+            event.order_id,
+        )
+        if not rows:
             ctx.logger.warning("payment failed for unknown reservation %s", event.order_id)
             return
-        sku, quantity, status = row
+        sku, quantity, status = rows[0]
         if status == "reserved":
-            con.execute("UPDATE stock SET available = available + ? WHERE sku = ?", (quantity, sku))
-            con.execute(
-                "UPDATE reservations SET status = 'released' WHERE order_id = ?", (event.order_id,)
+            await tx.execute(
+                f"UPDATE {ns}stock SET available = available + ? WHERE sku = ?", quantity, sku
             )
-    await ctx.publish(StockReleased(order_id=event.order_id, sku=sku, quantity=quantity))
+            await tx.execute(
+                f"UPDATE {ns}reservations SET status = 'released' WHERE order_id = ?",
+                event.order_id,
+            )
+        await tx.publish(
+            StockReleased(order_id=event.order_id, sku=str(sku), quantity=int(str(quantity)))
+        )

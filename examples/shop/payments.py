@@ -1,4 +1,9 @@
-"""Payments: captures the amount of each reserved order; some fail on purpose."""
+"""Payments: captures the amount of each reserved order; some fail on purpose.
+
+Each payment is a row in payments' own table, written in the same transaction as
+the event it publishes (through the outbox) and as the inbox record of the
+reservation it answers: a reservation delivered twice is charged once.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +24,40 @@ def _declined(order_id: str) -> bool:
     return (zlib.crc32(order_id.encode()) % 10_000) < rate * 10_000
 
 
-@service.on(StockReserved)
-async def capture(event: StockReserved, ctx: Context) -> None:
-    if _declined(event.order_id):
-        await ctx.publish(PaymentFailed(order_id=event.order_id, reason="card declined"))
+_tables_ready = False
+
+
+async def _create_tables() -> None:
+    global _tables_ready
+    if _tables_ready:
         return
-    await ctx.publish(
-        PaymentCaptured(
-            order_id=event.order_id,
-            sku=event.sku,
-            quantity=event.quantity,
-            amount_cents=event.amount_cents,
+    async with service.transaction() as tx:
+        await tx.execute(
+            f"CREATE TABLE IF NOT EXISTS {tx.namespace}payments "
+            "(order_id TEXT PRIMARY KEY, status TEXT NOT NULL, amount_cents INTEGER NOT NULL)"
         )
-    )
+    _tables_ready = True
+
+
+@service.on(StockReserved, inbox=True)
+async def capture(event: StockReserved, ctx: Context) -> None:
+    await _create_tables()
+    declined = _declined(event.order_id)
+    async with ctx.transaction() as tx:
+        await tx.execute(
+            f"INSERT INTO {tx.namespace}payments VALUES (?, ?, ?)",
+            event.order_id,
+            "declined" if declined else "captured",
+            event.amount_cents,
+        )
+        if declined:
+            await tx.publish(PaymentFailed(order_id=event.order_id, reason="card declined"))
+        else:
+            await tx.publish(
+                PaymentCaptured(
+                    order_id=event.order_id,
+                    sku=event.sku,
+                    quantity=event.quantity,
+                    amount_cents=event.amount_cents,
+                )
+            )

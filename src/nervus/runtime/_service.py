@@ -501,6 +501,12 @@ class Service:
             await self._sourcing.close()
         finally:
             self._state = "closed"
+            if self.inbox.duplicates:
+                log.info(
+                    "service %r: the inbox suppressed %d redelivered messages",
+                    self.name,
+                    self.inbox.duplicates,
+                )
             log.info("service %r stopped", self.name)
         if self._failure is not None:
             raise self._failure
