@@ -71,7 +71,7 @@ class Audit:
         self.shipped: dict[str, int] = {}
         self._subscription: Subscription | None = None
         self._reservations: list[tuple[Mapping[str, str], bytes, str | None]] = []
-        self._wanted_reservations = 0
+        self._wanted_reservations = 1 << 30  # until inject_duplicates says how many
         self._enough_reservations = asyncio.Event()
 
     def channels(self) -> tuple[list[str], list[str]]:
