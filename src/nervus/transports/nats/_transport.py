@@ -78,6 +78,32 @@ log = logging.getLogger("nervus.transports.nats")
 _PUBLISHES_IN_FLIGHT = 4000  # the transport's bound on unacknowledged publishes
 
 
+class _Client(Client):
+    """The NATS client, reading header blocks with fewer Python steps per line.
+
+    nats-py (2.16) checks each header name for white space one character at a
+    time in a generator: for the ten headers of a CloudEvent that was about a third
+    of what a consumer spent per message. Same result: lines ``Name: value``, names
+    that are not ASCII or hold white space skipped, values trimmed and decoded as
+    UTF-8 with replacement."""
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if len(key.split()) > 1:  # white space inside the name (its ends are trimmed)
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
 class _PubAck(msgspec.Struct):
     """JetStream's answer to a publish: where it was stored, or why not."""
 
@@ -176,7 +202,7 @@ class NatsTransport(Transport):
         ensure_open(self._closed, f"NATS transport on {self.url}")
         if self._connected:
             return
-        nc = Client()
+        nc = _Client()
         settings = self.settings
         self._last_error = None
         try:
