@@ -47,16 +47,46 @@ CREATE TABLE IF NOT EXISTS {s}.inbox (
 CREATE INDEX IF NOT EXISTS inbox_age ON {s}.inbox (handled);
 """
 
+# The layout Debezium's outbox event router reads (``id``, ``aggregatetype``,
+# ``aggregateid``, ``type``, ``payload``), plus the CloudEvents headers as JSON (route
+# them to message headers with ``table.fields.additional.placement``). nervus's relay
+# reads the same table in ``seq`` order; a team that publishes it with Debezium
+# instead runs its services with ``NERVUS_RELAY=0``.
+DEBEZIUM_DDL = """
+CREATE TABLE IF NOT EXISTS {s}.outbox (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id text NOT NULL,
+    aggregatetype text NOT NULL,
+    aggregateid text,
+    type text NOT NULL,
+    payload bytea NOT NULL,
+    headers jsonb NOT NULL,
+    created double precision NOT NULL,
+    sent double precision
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (seq) WHERE sent IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_sent ON {s}.outbox (sent) WHERE sent IS NOT NULL;
+"""
+
 encode_headers = msgspec.json.Encoder().encode
 _decode_headers = msgspec.json.Decoder(dict[str, str]).decode
 
 
-class OutboxSql:
-    """The statements of one schema."""
+LAYOUTS = ("nervus", "debezium")
 
-    def __init__(self, schema: str) -> None:
+
+class OutboxSql:
+    """The statements of one schema, for the outbox ``layout`` (``nervus`` or
+    ``debezium``)."""
+
+    def __init__(self, schema: str, layout: str = "nervus") -> None:
         s = schema
+        self.layout = layout
         self.ddl = DDL.format(s=s)
+        self.layout_check = (
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_schema = $1 AND table_name = 'outbox' AND column_name = 'aggregatetype'"
+        )
         self.enqueue = (
             f"INSERT INTO {s}.outbox (channel, key, headers, body, created) "
             "VALUES ($1, $2, $3, $4, $5)"
@@ -86,6 +116,44 @@ class OutboxSql:
         )
         self.handled = f"SELECT 1 FROM {s}.inbox WHERE grp = $1 AND message_id = $2"
         self.purge_inbox = f"DELETE FROM {s}.inbox WHERE handled < $1"
+        if layout == "debezium":
+            self._debezium(s)
+
+    def _debezium(self, s: str) -> None:
+        # the nervus layout's tables, the outbox's replaced (created first, so the
+        # nervus DDL's "IF NOT EXISTS" leaves it)
+        self.ddl = DEBEZIUM_DDL.format(s=s) + self.ddl
+        self.enqueue = (
+            f"INSERT INTO {s}.outbox (id, aggregatetype, aggregateid, type, payload, headers, "
+            "created) VALUES ($6, $1, $2, $7, $4, convert_from($3, 'UTF8')::jsonb, $5)"
+        )
+        self.batch = (
+            "SELECT seq, aggregatetype, aggregateid, convert_to(headers::text, 'UTF8'), "
+            f"payload, created FROM {s}.outbox WHERE sent IS NULL ORDER BY seq LIMIT $1"
+        )
+        self.sent = f"UPDATE {s}.outbox SET sent = $2 WHERE seq = ANY($1::bigint[])"
+        self.reject = (
+            f"WITH gone AS (DELETE FROM {s}.outbox WHERE seq = $1 RETURNING seq) "
+            f"INSERT INTO {s}.outbox_dead SELECT $1, $2, $3, $4, $5, $6, $7, $8 "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+
+    def enqueue_args(
+        self, channel: str, key: str | None, headers: dict[str, str], body: bytes, now: float
+    ) -> tuple[object, ...]:
+        """The parameters of ``enqueue`` for a message."""
+        encoded = encode_headers(headers)
+        if self.layout == "debezium":
+            return (
+                channel,
+                key,
+                encoded,
+                body,
+                now,
+                headers.get("ce_id", ""),
+                headers.get("ce_type", ""),
+            )
+        return (channel, key, encoded, body, now)
 
 
 def messages(rows: Sequence[Any]) -> list[OutboxMessage]:

@@ -8,6 +8,7 @@ settings), passed on unchanged.
 from __future__ import annotations
 
 import re
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -29,10 +30,14 @@ class PostgresStoreSettings(msgspec.Struct, kw_only=True):
     connection comes on top). ``poll_interval`` is how
     often an idle subscriber looks without being notified (a safety net: appends
     wake subscribers through LISTEN/NOTIFY). ``connect_timeout`` bounds
-    ``connect()`` and every later connection attempt.
+    ``connect()`` and every later connection attempt. ``outbox_layout=debezium`` lays
+    the outbox table out as Debezium's outbox event router reads it (``id``,
+    ``aggregatetype`` = the channel, ``aggregateid`` = the key, ``type``, ``payload``,
+    plus ``headers``), for teams that publish it with Debezium CDC.
     """
 
     schema: str = "nervus"
+    outbox_layout: Literal["nervus", "debezium"] = "nervus"
     pool_size: int = 4
     poll_interval: float = 1.0
     connect_timeout: float = 10.0

@@ -253,7 +253,7 @@ class PostgresEventStore(EventStore):
         self._appender: asyncpg.Connection | None = None
         self._change = 0
         self._changed: asyncio.Event | None = None
-        self._outbox = OutboxSql(s)
+        self._outbox = OutboxSql(s, settings.outbox_layout)
         self._connected = False
         self._closed = False
 
@@ -285,6 +285,7 @@ class PostgresEventStore(EventStore):
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
                 await conn.execute(_DDL.format(s=self._schema))
+                await self._check_outbox_layout(conn)
                 await conn.execute(self._outbox.ddl)
         except BaseException as exc:
             if self._pool is not None:
@@ -461,6 +462,25 @@ class PostgresEventStore(EventStore):
             self._notify()
 
     # -- the outbox and the inbox ----------------------------------------------------
+
+    async def _check_outbox_layout(self, conn: _Conn) -> None:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = $1 "
+            "AND table_name = 'outbox' AND column_name IN ('aggregatetype', 'channel')",
+            self._schema,
+        )
+        if not found:
+            return  # a new schema
+        debezium = bool(await conn.fetchval(self._outbox.layout_check, self._schema))
+        if debezium != (self.settings.outbox_layout == "debezium"):
+            layout = "debezium" if debezium else "nervus"
+            raise ConfigurationError(
+                [
+                    f"NERVUS_STORE: outbox_layout={self.settings.outbox_layout} but the outbox "
+                    f"of schema {self._schema!r} has the {layout} layout; use "
+                    f"outbox_layout={layout}, or another schema"
+                ]
+            )
 
     async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
         if limit < 1:
@@ -731,7 +751,7 @@ class PostgresTransaction(StoreTransaction):
     ) -> None:
         sql = self._store._outbox
         await self.connection.execute(
-            sql.enqueue, channel, key, encode_headers(headers), body, time.time()
+            sql.enqueue, *sql.enqueue_args(channel, key, headers, body, time.time())
         )
         if not self._notified:  # delivered at commit; once per transaction is enough
             await self.connection.execute(
