@@ -13,7 +13,8 @@ import pytest
 from nervus import Envelope, Service, Settings
 from nervus.codecs import JSON_CODEC
 from nervus.errors import DomainError
-from nervus.transports import from_url
+from nervus.runtime._outgoing import encode
+from nervus.transports import Delivery, from_url
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -93,3 +94,31 @@ async def test_the_event_sourced_example_decides_appends_relays_and_projects(
     assert got[0].key == "account-a-1"
     assert got[0].headers["ce_type"] == "bank.account.opened.v1"
     assert rows == [("a-1", "ada")]
+
+
+async def test_the_outbox_example_writes_publishes_and_suppresses_a_redelivery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"memory://readme-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("NERVUS_TRANSPORT", url)
+    monkeypatch.setenv("NERVUS_STORE", f"sqlite:///{tmp_path}/payments.db")
+    block = python_blocks(README.read_text())[2]
+    module = types.ModuleType("readme_payments")
+    exec(compile(block, str(README), "exec"), module.__dict__)
+    payments: Service = module.payments
+    watcher = from_url(url)
+    async with watcher, payments:
+        async with payments.transaction() as tx:
+            await tx.execute("CREATE TABLE payments (order_id TEXT PRIMARY KEY, cents INTEGER)")
+        captured = await watcher.subscribe(["shop.payment"], "readme-watcher")
+        channel, message = encode(module.PaymentRequested(order_id="o-1", cents=900), source="t")
+        await watcher.publish(channel, [message, message])  # delivered twice
+        async with asyncio.timeout(10):
+            got: list[Delivery] = []
+            while not any(d.headers["ce_type"] == "shop.payment.captured.v1" for d in got):
+                got += await captured.fetch(10, 0.2)
+            while payments.inbox.duplicates < 1:
+                await asyncio.sleep(0.02)
+        async with payments.transaction() as tx:
+            rows = await tx.fetch("SELECT order_id, cents FROM payments")
+    assert rows == [("o-1", 900)]
