@@ -192,6 +192,19 @@ BEGIN
     END IF;
 END
 $append$;
+CREATE OR REPLACE FUNCTION {s}.append_event(
+    lock_key bigint, channel text, stream text, expected integer,
+    e_id text, e_type text, e_source text, e_time text, e_subject text,
+    e_content_type text, e_dataschema text, e_correlation_id text, e_causation_id text,
+    e_traceparent text, e_tracestate text, e_data bytea
+) RETURNS TABLE (outcome integer, stream_version integer, last_position bigint)
+LANGUAGE sql AS $one$
+    SELECT * FROM {s}.append_events(lock_key, channel, ARRAY[stream], ARRAY[expected],
+        ARRAY[1], ARRAY[e_id], ARRAY[e_type], ARRAY[e_source], ARRAY[e_time],
+        ARRAY[e_subject], ARRAY[e_content_type], ARRAY[e_dataschema],
+        ARRAY[e_correlation_id], ARRAY[e_causation_id], ARRAY[e_traceparent],
+        ARRAY[e_tracestate], ARRAY[e_data])
+$one$;
 """
 
 _ROW = tuple[Any, ...]
@@ -238,6 +251,12 @@ class PostgresEventStore(EventStore):
         self._sql_append = (
             f"SELECT outcome, stream_version, last_position FROM {s}.append_events($1, $2, "
             "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        )
+        # a group of one append of one event (the commonest) passes plain values:
+        # encoding fifteen one-element arrays costs the client more than the rest
+        self._sql_append_one = (
+            f"SELECT outcome, stream_version, last_position FROM {s}.append_event($1, $2, "
+            "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
         )
         self._pool: asyncpg.Pool | None = None
         self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
@@ -399,17 +418,24 @@ class PostgresEventStore(EventStore):
         self, conn: _Conn, ops: Sequence[_Append]
     ) -> list[AppendResult | StoreError]:
         """Run the appends in ``conn``'s transaction (its own one when none is open)."""
-        rows = [row for op in ops for row in op.rows]
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        outcomes = await conn.fetch(
-            self._sql_append,
-            self._lock_key if self._serialize else None,
-            self.settings.notify_channel,
-            [op.stream_id for op in ops],
-            [op.expected for op in ops],
-            [len(op.rows) for op in ops],
-            *columns,
-        )
+        lock = self._lock_key if self._serialize else None
+        channel = self.settings.notify_channel
+        if len(ops) == 1 and len(ops[0].rows) == 1:
+            op = ops[0]
+            outcomes = await conn.fetch(
+                self._sql_append_one, lock, channel, op.stream_id, op.expected, *op.rows[0]
+            )
+        else:
+            rows = [row for op in ops for row in op.rows]
+            outcomes = await conn.fetch(
+                self._sql_append,
+                lock,
+                channel,
+                [op.stream_id for op in ops],
+                [op.expected for op in ops],
+                [len(op.rows) for op in ops],
+                *[list(column) for column in zip(*rows, strict=True)],
+            )
         results: list[AppendResult | StoreError] = []
         for op, (outcome, version, position) in zip(ops, outcomes, strict=True):
             if outcome in (_APPENDED, _REPEATED):
