@@ -4,7 +4,14 @@ clients, URL options, partition counts, durable delayed redelivery, bad brokers.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import json
+import urllib.parse
+import urllib.request
 import uuid
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -19,15 +26,53 @@ from nervus.transports.rabbitmq._publisher import field_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
+MANAGEMENT_PORT = 15672
 OPTIONS = "partitions=4&heartbeat_seconds=0.2&session_seconds=2&commit_interval=0.05"
 
 
 def _url(base: str, options: str = OPTIONS) -> str:
+    _BROKERS.add(base)
     return f"{base}{'&' if '?' in base else '?'}{options}"
 
 
+_NAMED: list[str] = []
+_BROKERS: set[str] = set()
+
+
 def _name(what: str) -> str:
-    return f"it-{what}-{uuid.uuid4().hex[:12]}"
+    name = f"it-{what}-{uuid.uuid4().hex[:12]}"
+    _NAMED.append(name)
+    return name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_what_the_tests_declared() -> Iterator[None]:
+    """Delete, through the management API, the queues and exchanges whose names
+    carry a name these tests made (streams keep their data until deleted)."""
+    yield
+    names, _NAMED[:] = list(_NAMED), []
+    if not names:
+        return
+    for url in _BROKERS:
+        parts = urlsplit(url)
+        vhost = urllib.parse.quote(urllib.parse.unquote(parts.path[1:]) or "/", safe="")
+        base = f"http://{parts.hostname}:{MANAGEMENT_PORT}/api"
+        credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}"
+        auth = "Basic " + base64.b64encode(urllib.parse.unquote(credentials).encode()).decode()
+
+        def call(method: str, path: str, base: str = base, auth: str = auth) -> Any:
+            request = urllib.request.Request(base + path, method=method)
+            request.add_header("Authorization", auth)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                body = response.read()
+            return json.loads(body) if body else None
+
+        with contextlib.suppress(OSError, ValueError):  # no management API: nothing to do
+            for kind in ("queues", "exchanges"):
+                for entry in call("GET", f"/{kind}/{vhost}?columns=name"):
+                    if any(name in entry["name"] for name in names):
+                        path = urllib.parse.quote(entry["name"], safe="")
+                        call("DELETE", f"/{kind}/{vhost}/{path}")
 
 
 async def _open(url: str) -> Transport:
