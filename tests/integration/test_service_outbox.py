@@ -241,3 +241,35 @@ async def test_a_refused_message_is_set_aside_and_an_outage_waited_out(
     assert sorted(d.headers["ce_id"] for d in later) == sorted(
         [*(d.headers["ce_id"] for d in fine), later[-1].headers["ce_id"]]
     )
+
+
+async def test_a_service_whose_relay_runs_elsewhere_uses_its_inbox(urls: tuple[str, str]) -> None:
+    url, store = urls
+    ledger = Service("ledger", settings=settings(url, store), relay=False)  # NERVUS_RELAY=0
+    runs = 0
+
+    @ledger.on(Transfer, inbox=True)
+    async def debit(event: Transfer, ctx: Context) -> None:
+        nonlocal runs
+        runs += 1
+        async with ctx.transaction() as tx:
+            await tx.execute(
+                f"UPDATE {tx.namespace}balances SET cents = cents - ? WHERE account = ?",
+                event.cents,
+                event.account,
+            )
+
+    async with ledger:
+        assert ledger.outbox_relay is None
+        await create_table(ledger)
+        transport = from_url(url)
+        await transport.connect()
+        channel, message = encode(Transfer(transfer_id="t1", account="a", cents=70), source="x")
+        again = OutgoingMessage(message.key, dict(message.headers), message.body)
+        await transport.publish(channel, [message, again])
+        await transport.close()
+        async with asyncio.timeout(5):
+            while ledger.inbox.duplicates < 1:
+                await asyncio.sleep(0.01)
+        assert await balances(ledger) == {"a": 930, "b": 1000}
+    assert runs == 1

@@ -420,8 +420,9 @@ class Service:
             relay = self._relays_log()
             if self._sourcing.active or relay:
                 await self._sourcing.start(relay=relay)
+            if self._outbox or self._has_inbox():
+                await self._sourcing.connect()  # inboxes are read before a handler runs
             if self._uses_outbox():
-                await self._sourcing.connect()
                 self._outbox_relay = OutboxRelay(
                     self.store, self._publish, retention=self.settings.outbox_retention
                 )
