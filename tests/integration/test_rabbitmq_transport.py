@@ -218,7 +218,9 @@ async def test_a_message_larger_than_a_frame_arrives_whole(rabbitmq_url: str) ->
         await transport.close()
 
 
-async def test_publish_to_a_deleted_exchange_fails_then_recovers(rabbitmq_url: str) -> None:
+async def test_a_deleted_exchange_fails_a_publish_then_is_declared_again(
+    rabbitmq_url: str,
+) -> None:
     channel = _name("gone")
     transport = await _open(_url(rabbitmq_url))
     connection = await aio_pika.connect(rabbitmq_url)
@@ -230,9 +232,9 @@ async def test_publish_to_a_deleted_exchange_fails_then_recovers(rabbitmq_url: s
         with pytest.raises(TransportError):
             async with asyncio.timeout(10):
                 await transport.publish(channel, [OutgoingMessage("k", {}, b"lost")])
-        other = _name("after")
-        await transport.publish(other, [OutgoingMessage("k", {"ce_id": "a-1"}, b"kept")])
-        got = await _drain(transport, other, _name("group"), 1)
+        # the next publish declares the exchange and its bindings again
+        await transport.publish(channel, [OutgoingMessage("k", {"ce_id": "a-1"}, b"kept")])
+        got = await _drain(transport, channel, _name("group"), 1)
         assert [d.body for d in got] == [b"kept"]
     finally:
         await connection.close()

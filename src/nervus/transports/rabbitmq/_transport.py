@@ -162,6 +162,8 @@ class RabbitTransport(Transport):
                 f"cannot open a channel on RabbitMQ at {self.where} within "
                 f"{self.settings.connect_timeout}s (connect_timeout): {type(exc).__name__}: {exc}"
             ) from exc
+        # Declared again on first use: the broker may have lost what it had.
+        self._exchanges.clear()
         old, self._connection = self._connection, connection
         self._publisher, self._admin = publisher, admin
         connection.close_callbacks.add(self._on_close)
@@ -221,6 +223,9 @@ class RabbitTransport(Transport):
                 raise TransportError(
                     f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
                 ) from exc
+            # The broker closes a channel that publishes to a missing exchange:
+            # declare the channel's exchange and streams again on its next use.
+            self._exchanges.clear()
             self._publisher = publisher
 
     @staticmethod
