@@ -12,6 +12,7 @@ one does; a message not acknowledged within ``message.timeout.ms`` (the transpor
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,16 +29,21 @@ POLL_INTERVAL = 0.05
 
 
 class _Batch:
-    """The delivery reports of one ``publish`` call, counted on the polling thread."""
+    """The delivery reports of one ``publish`` call, counted on the polling thread.
 
-    __slots__ = ("_lock", "_loop", "_pending", "error", "future")
+    Every report and the sender's ``seal`` each take one number from a counter
+    (``next`` on an ``itertools.count`` is atomic): the one that takes the last
+    resolves the batch, so reports need no lock.
+    """
+
+    __slots__ = ("_last", "_loop", "_taken", "error", "future")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pending: int) -> None:
         self._loop = loop
-        self._lock = threading.Lock()
-        # One more than the messages: the sender's own count, withdrawn by ``seal``
+        self._taken = itertools.count(1)
+        # One more than the messages: the sender's own number, taken by ``seal``
         # once every message is queued, so reports cannot finish the batch early.
-        self._pending = pending + 1
+        self._last = pending + 1
         self.error: KafkaError | None = None
         self.future: asyncio.Future[None] = loop.create_future()
 
@@ -45,19 +51,14 @@ class _Batch:
         """Delivery report of one message (on the polling thread)."""
         if error is not None and self.error is None:
             self.error = error
-        with self._lock:
-            self._pending -= 1
-            done = self._pending == 0
-        if done:
+        if next(self._taken) == self._last:
             self._loop.call_soon_threadsafe(self._resolve)
 
     def seal(self, unqueued: int = 0) -> None:
         """Every message is queued but ``unqueued`` ones (on the loop); resolve once
         the reports of the queued ones are in."""
-        with self._lock:
-            self._pending -= unqueued + 1
-            done = self._pending == 0
-        if done:
+        last, taken = self._last, self._taken
+        if any(next(taken) == last for _ in range(unqueued + 1)):
             self._resolve()
 
     def _resolve(self) -> None:
