@@ -117,79 +117,117 @@ CREATE TABLE IF NOT EXISTS {s}.checkpoints (
 );
 CREATE OR REPLACE FUNCTION {s}.append_events(
     lock_key bigint, channel text, streams text[], expected integer[], counts integer[],
-    ids text[], types text[], sources text[], times text[], subjects text[],
-    content_types text[], dataschemas text[], correlation_ids text[], causation_ids text[],
-    traceparents text[], tracestates text[], datas bytea[]
+    row_op integer[], ids text[], types text[], sources text[], times text[],
+    subjects text[], content_types text[], dataschemas text[], correlation_ids text[],
+    causation_ids text[], traceparents text[], tracestates text[], datas bytea[]
 ) RETURNS TABLE (outcome integer, stream_version integer, last_position bigint)
 LANGUAGE plpgsql AS $append$
 DECLARE
+    n_ops integer := coalesce(array_length(streams, 1), 0);
     i integer;
+    j integer;
     lo integer := 1;
     hi integer;
-    found_stream text;
-    found_version integer;
-    stored_ids text[];
     at_version integer;
-    newest bigint;
+    found_streams text[];
+    found_versions integer[];
+    current_versions integer[];
+    previous_op integer[];
+    stored_ids text[];
+    stored_version integer;
+    stored_position bigint;
+    accepted boolean[] := array_fill(false, ARRAY[n_ops]);
+    outcomes integer[] := array_fill(0, ARRAY[n_ops]);
+    base_versions integer[] := array_fill(0, ARRAY[n_ops]);
+    out_versions integer[] := array_fill(0, ARRAY[n_ops]);
+    out_positions bigint[] := array_fill(0::bigint, ARRAY[n_ops]);
+    new_positions bigint[];
+    any_accepted boolean := false;
 BEGIN
     IF lock_key IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(lock_key);
     END IF;
-    FOR i IN 1 .. coalesce(array_length(streams, 1), 0) LOOP
+    -- per append, in one statement each: where its first id is stored (if it is),
+    -- its stream's version, and the append before it to the same stream
+    SELECT array_agg(e.stream_id ORDER BY f.op), array_agg(e.version ORDER BY f.op)
+        INTO found_streams, found_versions
+        FROM (SELECT DISTINCT ON (u.op) u.op, u.id
+              FROM unnest(row_op, ids) WITH ORDINALITY AS u(op, id, n)
+              ORDER BY u.op, u.n) f
+        LEFT JOIN {s}.events e ON e.id = f.id;
+    SELECT array_agg(coalesce(
+               (SELECT max(e.version) FROM {s}.events e WHERE e.stream_id = o.s), 0)
+               ORDER BY o.op),
+           array_agg(o.prev ORDER BY o.op)
+        INTO current_versions, previous_op
+        FROM (SELECT t.s, t.op, coalesce(lag(t.op) OVER (PARTITION BY t.s ORDER BY t.op), 0)
+                  AS prev
+              FROM unnest(streams) WITH ORDINALITY AS t(s, op)) o;
+    FOR i IN 1 .. n_ops LOOP
         hi := lo + counts[i] - 1;
-        SELECT e.stream_id, e.version INTO found_stream, found_version
-            FROM {s}.events e WHERE e.id = ids[lo];
-        IF FOUND THEN
-            outcome := 3;  -- the first id is stored: the same append again, or a conflict
-            stream_version := NULL;
-            last_position := NULL;
-            IF found_stream = streams[i] THEN
+        IF found_streams[i] IS NOT NULL THEN
+            outcomes[i] := 3;  -- the first id is stored: the same append again, or a conflict
+            IF found_streams[i] = streams[i] THEN
                 SELECT array_agg(t.id ORDER BY t.version), max(t.version), max(t.position)
-                    INTO stored_ids, stream_version, last_position
+                    INTO stored_ids, stored_version, stored_position
                     FROM (SELECT e.id, e.version, e.position FROM {s}.events e
-                          WHERE e.stream_id = streams[i] AND e.version >= found_version
+                          WHERE e.stream_id = streams[i] AND e.version >= found_versions[i]
                           ORDER BY e.version LIMIT counts[i]) t;
                 IF stored_ids = ids[lo:hi] THEN
-                    outcome := 2;
+                    outcomes[i] := 2;
+                    out_versions[i] := stored_version;
+                    out_positions[i] := stored_position;
                 END IF;
             END IF;
         ELSE
-            SELECT coalesce(max(e.version), 0) INTO at_version
-                FROM {s}.events e WHERE e.stream_id = streams[i];
+            at_version := current_versions[i];
+            j := previous_op[i];  -- an append of this group to the same stream goes first
+            WHILE j > 0 AND NOT accepted[j] LOOP
+                j := previous_op[j];
+            END LOOP;
+            IF j > 0 THEN
+                at_version := out_versions[j];
+            END IF;
             IF expected[i] IS NOT NULL AND expected[i] <> at_version THEN
-                outcome := 1;  -- the stream is at another version
-                stream_version := at_version;
-                last_position := NULL;
+                outcomes[i] := 1;  -- the stream is at another version
+                out_versions[i] := at_version;
             ELSE
-                WITH ins AS (
-                    INSERT INTO {s}.events (stream_id, version, id, type, source, time,
-                        subject, content_type, dataschema, correlation_id, causation_id,
-                        traceparent, tracestate, data)
-                    SELECT streams[i], at_version + u.n, u.id, u.type, u.source, u.time,
-                        u.subject, u.content_type, u.dataschema, u.correlation_id,
-                        u.causation_id, u.traceparent, u.tracestate, u.data
-                    FROM unnest(ids[lo:hi], types[lo:hi], sources[lo:hi], times[lo:hi],
-                        subjects[lo:hi], content_types[lo:hi], dataschemas[lo:hi],
-                        correlation_ids[lo:hi], causation_ids[lo:hi], traceparents[lo:hi],
-                        tracestates[lo:hi], datas[lo:hi])
-                        WITH ORDINALITY AS u(id, type, source, time, subject, content_type,
-                            dataschema, correlation_id, causation_id, traceparent,
-                            tracestate, data, n)
-                    ORDER BY u.n
-                    RETURNING events.position
-                )
-                SELECT max(ins.position) INTO newest FROM ins;
-                outcome := 0;
-                stream_version := at_version + counts[i];
-                last_position := newest;
+                accepted[i] := true;
+                any_accepted := true;
+                base_versions[i] := at_version;
+                out_versions[i] := at_version + counts[i];
             END IF;
         END IF;
-        RETURN NEXT;
         lo := hi + 1;
     END LOOP;
-    IF newest IS NOT NULL THEN
-        PERFORM pg_notify(channel, newest::text);
+    IF any_accepted THEN
+        WITH ins AS (
+            INSERT INTO {s}.events (stream_id, version, id, type, source, time, subject,
+                content_type, dataschema, correlation_id, causation_id, traceparent,
+                tracestate, data)
+            SELECT streams[u.op],
+                base_versions[u.op] + row_number() OVER (PARTITION BY u.op ORDER BY u.n),
+                u.id, u.type, u.source, u.time, u.subject, u.content_type, u.dataschema,
+                u.correlation_id, u.causation_id, u.traceparent, u.tracestate, u.data
+            FROM unnest(row_op, ids, types, sources, times, subjects, content_types,
+                    dataschemas, correlation_ids, causation_ids, traceparents, tracestates,
+                    datas)
+                WITH ORDINALITY AS u(op, id, type, source, time, subject, content_type,
+                    dataschema, correlation_id, causation_id, traceparent, tracestate, data, n)
+            WHERE accepted[u.op]
+            ORDER BY u.n
+            RETURNING events.stream_id, events.version, events.position
+        )
+        SELECT array_agg(
+                   (SELECT max(ins.position) FROM ins
+                    WHERE ins.stream_id = o.s AND ins.version = o.v) ORDER BY o.op)
+            INTO new_positions
+            FROM unnest(streams, out_versions) WITH ORDINALITY AS o(s, v, op);
+        PERFORM pg_notify(channel, (SELECT max(p) FROM unnest(new_positions) p)::text);
     END IF;
+    RETURN QUERY SELECT outcomes[k], out_versions[k],
+            CASE WHEN accepted[k] THEN new_positions[k] ELSE out_positions[k] END
+        FROM generate_series(1, n_ops) k ORDER BY k;
 END
 $append$;
 CREATE OR REPLACE FUNCTION {s}.append_event(
@@ -200,7 +238,7 @@ CREATE OR REPLACE FUNCTION {s}.append_event(
 ) RETURNS TABLE (outcome integer, stream_version integer, last_position bigint)
 LANGUAGE sql AS $one$
     SELECT * FROM {s}.append_events(lock_key, channel, ARRAY[stream], ARRAY[expected],
-        ARRAY[1], ARRAY[e_id], ARRAY[e_type], ARRAY[e_source], ARRAY[e_time],
+        ARRAY[1], ARRAY[1], ARRAY[e_id], ARRAY[e_type], ARRAY[e_source], ARRAY[e_time],
         ARRAY[e_subject], ARRAY[e_content_type], ARRAY[e_dataschema],
         ARRAY[e_correlation_id], ARRAY[e_causation_id], ARRAY[e_traceparent],
         ARRAY[e_tracestate], ARRAY[e_data])
@@ -250,7 +288,7 @@ class PostgresEventStore(EventStore):
         )
         self._sql_append = (
             f"SELECT outcome, stream_version, last_position FROM {s}.append_events($1, $2, "
-            "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            "$3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         )
         # a group of one append of one event (the commonest) passes plain values:
         # encoding fifteen one-element arrays costs the client more than the rest
@@ -434,6 +472,7 @@ class PostgresEventStore(EventStore):
                 [op.stream_id for op in ops],
                 [op.expected for op in ops],
                 [len(op.rows) for op in ops],
+                [n for n, op in enumerate(ops, start=1) for _ in op.rows],
                 *[list(column) for column in zip(*rows, strict=True)],
             )
         results: list[AppendResult | StoreError] = []
