@@ -12,13 +12,15 @@ No skipped events
     one transaction, each with its own version check.
 
 Versions
-    Under the lock, each append of the group in turn: if its first event's id is
-    stored already, it is the same append again (a no-op returning where the
-    events are) or a conflict; otherwise the stream's current version is read,
-    compared with the expected one, and the events inserted at the versions after
-    it. The unique index on ``(stream_id, version)`` backs that up; the unique
-    index on the event id makes a group with an id stored in another place fail,
-    and then each append runs alone.
+    Under the lock, for the whole group at once, the function looks up where
+    each append's first event id is stored (if it is: the same append again, a
+    no-op returning where the events are, or a conflict) and each stream's
+    version; it then decides each append in turn against its expected version
+    (appends of the group to the same stream follow one another), and inserts
+    every accepted one in one statement. The unique index on
+    ``(stream_id, version)`` backs that up; the unique index on the event id
+    makes a group with an id stored in another place fail, and then each append
+    runs alone.
 
 One round trip per group
     The lock, the checks, the inserts and the ``NOTIFY`` run in a PL/pgSQL
