@@ -594,6 +594,7 @@ class KafkaSubscription(Subscription):
                     f"the Kafka consumer of group {self.group!r} failed for good: {error}"
                 )
             )
+            self._stopping.wait(FAILURE_BACKOFF)  # a failed consumer says so at every poll
         elif error.code() in CONNECTIVITY:
             self._transport.reachability.lost(error.str())
         else:
