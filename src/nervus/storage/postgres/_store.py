@@ -817,13 +817,12 @@ class PostgresTransaction(StoreTransaction):
         self, channel: str, key: str | None, headers: dict[str, str], body: bytes
     ) -> None:
         sql = self._store._outbox
-        await self.connection.execute(
-            sql.enqueue, *sql.enqueue_args(channel, key, headers, body, time.time())
-        )
-        if not self._notified:  # delivered at commit; once per transaction is enough
-            await self.connection.execute(
-                "SELECT pg_notify($1, 'outbox')", self._store.settings.notify_channel
-            )
+        args = sql.enqueue_args(channel, key, headers, body, time.time())
+        if self._notified:
+            await self.connection.execute(sql.enqueue, *args)
+        else:  # delivered at commit; once per transaction is enough
+            notify = self._store.settings.notify_channel
+            await self.connection.execute(sql.enqueue_notify, *args, notify)
             self._notified = True
         self.changed = True
 
