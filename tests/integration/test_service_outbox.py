@@ -273,3 +273,30 @@ async def test_a_service_whose_relay_runs_elsewhere_uses_its_inbox(urls: tuple[s
                 await asyncio.sleep(0.01)
         assert await balances(ledger) == {"a": 930, "b": 1000}
     assert runs == 1
+
+
+async def test_handlers_opening_their_first_transactions_at_once(urls: tuple[str, str]) -> None:
+    url, store = urls
+    ledger = Service("ledger", settings=settings(url, store))  # no inbox: connects on first use
+    written = 0
+
+    @ledger.on(Transfer)
+    async def record(event: Transfer, ctx: Context) -> None:
+        nonlocal written
+        async with ctx.transaction() as tx:
+            await tx.execute(
+                f"CREATE TABLE IF NOT EXISTS {tx.namespace}transfers (transfer_id TEXT)"
+            )
+            await tx.execute(f"INSERT INTO {tx.namespace}transfers VALUES (?)", event.transfer_id)
+        written += 1
+
+    async with ledger:
+        await ledger.publish_many(
+            Transfer(transfer_id=f"t{n}", account=f"a{n}", cents=1) for n in range(40)
+        )
+        async with asyncio.timeout(10):
+            while written < 40:
+                await asyncio.sleep(0.01)
+        async with ledger.transaction() as tx:
+            rows = await tx.fetch(f"SELECT count(*) FROM {tx.namespace}transfers")
+    assert rows[0][0] == 40

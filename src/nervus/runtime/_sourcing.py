@@ -64,6 +64,7 @@ class Sourcing:
         self.relay: Relay | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
+        self._connecting = asyncio.Lock()
 
     @property
     def store(self) -> EventStore:
@@ -167,9 +168,12 @@ class Sourcing:
     # -- running ------------------------------------------------------------------
 
     async def connect(self) -> None:
-        if not self._connected:
-            await self.store.connect()
-            self._connected = True
+        if self._connected:
+            return
+        async with self._connecting:  # the first handler transactions all connect at once
+            if not self._connected:
+                await self.store.connect()
+                self._connected = True
 
     async def start(self, *, relay: bool) -> None:
         await self.connect()
