@@ -30,13 +30,20 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from nervus.core import Envelope, Message
-from nervus.errors import NervusError, TransportError
+from nervus.errors import ConfigurationError, NervusError, TransportError
 from nervus.runtime._lease import Lease
 from nervus.runtime._outgoing import encode
 from nervus.storage import AppendResult, EventStore, OutboxMessage, StoreTransaction
 from nervus.transports import OutgoingMessage
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+    from nervus.runtime._sqlalchemy import AsyncSessionOfTransaction, SessionOfTransaction
 
 log = logging.getLogger("nervus.outbox")
 
@@ -58,15 +65,26 @@ class AlreadyHandled(NervusError):
 
 
 class ServiceTransaction:
-    """One transaction of a service: its SQL, its published events, its inbox record."""
+    """One transaction of a service: its SQL, its published events, its inbox record,
+    and the writes of a SQLAlchemy session in it (``sqlalchemy()``,
+    ``sqlalchemy_async()``)."""
 
-    def __init__(self, tx: StoreTransaction, *, source: str, cause: Envelope | None) -> None:
+    def __init__(
+        self,
+        tx: StoreTransaction,
+        *,
+        source: str,
+        cause: Envelope | None,
+        store: EventStore,
+    ) -> None:
         self.store_transaction = tx
         self._source = source
         self._cause = cause
+        self._store = store
         self.dialect = tx.dialect
         self.namespace = tx.namespace
         self.published = 0
+        self._orm: SessionOfTransaction | AsyncSessionOfTransaction | None = None
 
     async def execute(self, sql: str, *params: object) -> int:
         """Run one statement (``?`` placeholders); returns the rows it changed."""
@@ -93,6 +111,48 @@ class ServiceTransaction:
         """Append to an event stream in the same transaction."""
         return await self.store_transaction.append(stream_id, events, expected_version)
 
+    def sqlalchemy(self) -> Session:
+        """A SQLAlchemy ``Session`` whose statements run in this transaction (SQLite;
+        on PostgreSQL use ``sqlalchemy_async``). Its writes commit with the
+        transaction or not at all: ``session.commit()`` releases a savepoint, not the
+        transaction, and what is pending when the block ends is flushed before the
+        transaction commits. Every call in one transaction returns the same session."""
+        try:
+            from nervus.runtime._sqlalchemy import SessionOfTransaction
+        except ImportError as exc:
+            raise self._no_sqlalchemy(exc) from exc
+        if self._orm is None:
+            self._orm = SessionOfTransaction(self._store, self.store_transaction)
+        elif not isinstance(self._orm, SessionOfTransaction):
+            raise ConfigurationError(["store: this transaction has an AsyncSession already"])
+        return self._orm.session
+
+    async def sqlalchemy_async(self) -> AsyncSession:
+        """A SQLAlchemy ``AsyncSession`` whose statements run in this transaction
+        (PostgreSQL; on SQLite use ``sqlalchemy``), ending with it as ``sqlalchemy``
+        says. Tables whose metadata names no schema are in the store's schema."""
+        try:
+            from nervus.runtime._sqlalchemy import AsyncSessionOfTransaction
+        except ImportError as exc:
+            raise self._no_sqlalchemy(exc) from exc
+        if self._orm is None:
+            self._orm = await AsyncSessionOfTransaction.open(self._store, self.store_transaction)
+        elif not isinstance(self._orm, AsyncSessionOfTransaction):
+            raise ConfigurationError(["store: this transaction has a Session already"])
+        return self._orm.session
+
+    @staticmethod
+    def _no_sqlalchemy(exc: ImportError) -> ConfigurationError:
+        return ConfigurationError(
+            [f"sqlalchemy: cannot be imported ({exc}): pip install 'nervus[sqlalchemy]'"]
+        )
+
+    async def _end(self, failed: bool) -> None:
+        """Before the store transaction ends: flush and close the session, if any."""
+        if self._orm is not None:
+            orm, self._orm = self._orm, None
+            await orm.end(failed)
+
 
 @contextlib.asynccontextmanager
 async def open_transaction(
@@ -106,7 +166,13 @@ async def open_transaction(
     async with store.transaction() as tx:
         if inbox is not None and not await tx.record_handled(*inbox):
             raise AlreadyHandled(*inbox)
-        yield ServiceTransaction(tx, source=source, cause=cause)
+        transaction = ServiceTransaction(tx, source=source, cause=cause, store=store)
+        try:
+            yield transaction
+        except BaseException:
+            await transaction._end(failed=True)
+            raise
+        await transaction._end(failed=False)
 
 
 class Inbox:

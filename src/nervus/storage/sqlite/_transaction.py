@@ -82,6 +82,13 @@ class SqliteTransaction(StoreTransaction):
         self._rows = rows
         self.changed = False  # appended or enqueued: waiting readers look again
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The transaction's sqlite3 connection (autocommit mode, the transaction begun
+        explicitly), for statements in its own style on the event loop's thread while
+        the transaction is open. Never commit, roll back or close it."""
+        return self._conn.raw
+
     async def append(
         self, stream_id: str, events: Sequence[Envelope], expected_version: int | None
     ) -> AppendResult:
