@@ -5,13 +5,19 @@ so the relay reads what is unsent (a partial index keeps that a short scan), nev
 what lies past a position, and a row committed late is published late rather than
 skipped. A transaction's first enqueue sends ``NOTIFY`` on the schema's channel
 in the same statement (delivered at commit), so a waiting relay looks at once.
+
+The relay's reads and marks run on a connection of their own (``RelayConnection``):
+they never queue behind the transactions that hold the pool's connections, which
+is when the outbox fills fastest.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from nervus.storage._contract import OutboxMessage
@@ -170,3 +176,39 @@ def count(status: str) -> int:
     """The row count of a command status such as ``DELETE 3``."""
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
+
+
+class RelayConnection:
+    """One connection for the outbox relay's statements, opened on first use, opened
+    again after it broke; one statement at a time."""
+
+    def __init__(self, dsn: str, connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._timeout = connect_timeout
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        async with self._lock:
+            conn = self._conn
+            try:
+                if conn is None or conn.is_closed():
+                    conn = self._conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                return rows
+            except asyncpg.PostgresError:
+                raise  # refused by the server: the connection is fine
+            except BaseException:
+                self._conn = None  # broken or interrupted: the next call connects again
+                if conn is not None:
+                    conn.terminate()
+                raise
+
+    async def close(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()

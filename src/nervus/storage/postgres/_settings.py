@@ -26,8 +26,8 @@ class PostgresStoreSettings(msgspec.Struct, kw_only=True):
     ``schema`` holds the store's tables (created on first connect; lower-case
     letters, digits and ``_``); the embedded log's PostgreSQL twin may share it.
     ``pool_size`` is the most connections the store opens for reads and
-    transactions (appends have one of their own, and a subscriber's listening
-    connection comes on top). ``poll_interval`` is how
+    transactions (appends have one of their own, and so have the outbox relay and a
+    subscriber's listening connection). ``poll_interval`` is how
     often an idle subscriber looks without being notified (a safety net: appends
     wake subscribers through LISTEN/NOTIFY). ``connect_timeout`` bounds
     ``connect()`` and every later connection attempt. ``outbox_layout=debezium`` lays

@@ -76,7 +76,13 @@ from nervus.storage._contract import (
     Snapshot,
     StoreTransaction,
 )
-from nervus.storage.postgres._outbox import OutboxSql, count, encode_headers, messages
+from nervus.storage.postgres._outbox import (
+    OutboxSql,
+    RelayConnection,
+    count,
+    encode_headers,
+    messages,
+)
 from nervus.storage.postgres._settings import PostgresStoreSettings, split_store_url
 
 log = logging.getLogger("nervus.storage.postgres")
@@ -313,6 +319,7 @@ class PostgresEventStore(EventStore):
         self._change = 0
         self._changed: asyncio.Event | None = None
         self._outbox = OutboxSql(s, settings.outbox_layout)
+        self._relay = RelayConnection(dsn, settings.connect_timeout)
         self._connected = False
         self._closed = False
 
@@ -371,6 +378,7 @@ class PostgresEventStore(EventStore):
         if listener is not None:
             with contextlib.suppress(Exception):
                 await listener.close(timeout=2)
+        await self._relay.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -552,11 +560,18 @@ class PostgresEventStore(EventStore):
     async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
         if limit < 1:
             raise ValueError(f"limit={limit} must be 1 or more")
-        return messages(await self._fetch("read the outbox", self._outbox.batch, limit))
+        return messages(await self._relay_fetch("read the outbox", self._outbox.batch, limit))
 
     async def outbox_sent(self, ids: Sequence[int], *, at: float) -> None:
         if ids:
-            await self._fetch("mark outbox messages sent", self._outbox.sent, list(ids), at)
+            await self._relay_fetch("mark outbox messages sent", self._outbox.sent, list(ids), at)
+
+    async def _relay_fetch(self, doing: str, sql: str, *args: object) -> list[asyncpg.Record]:
+        self._check()
+        try:
+            return await self._relay.fetch(sql, *args)
+        except Exception as exc:
+            raise self._error(exc, doing) from exc
 
     async def outbox_purge(self, sent_before: float) -> int:
         return await self._status("purge the outbox", self._outbox.purge, sent_before)
