@@ -194,10 +194,16 @@ class SessionOfTransaction:
             )
         engine = _sqlite_engine(store, _connection_of(tx))
         self.connection: Connection = engine.connect()
-        self.connection.begin()
-        self.session = Session(
-            bind=self.connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-        )
+        try:
+            self.connection.begin()  # nervus's transaction, as SQLAlchemy sees it
+            self.session = Session(
+                bind=self.connection,
+                join_transaction_mode="create_savepoint",
+                expire_on_commit=False,
+            )
+        except BaseException:
+            self.connection.close()
+            raise
 
     async def end(self, failed: bool) -> None:
         """Before nervus commits (``failed`` False): flush, release the savepoint, close;
@@ -228,10 +234,14 @@ class AsyncSessionOfTransaction:
             connection = await engine.connect()
         finally:
             _CONNECTION.reset(token)
-        await connection.begin()
-        session = AsyncSession(
-            bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-        )
+        try:
+            await connection.begin()  # nervus's transaction, as SQLAlchemy sees it
+            session = AsyncSession(
+                bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+            )
+        except BaseException:
+            await connection.close()
+            raise
         return cls(connection, session)
 
     async def end(self, failed: bool) -> None:
