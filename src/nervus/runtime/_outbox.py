@@ -264,8 +264,11 @@ class OutboxRelay:
             if messages:
                 await self._forward(messages)
                 self.error = None
-            else:
-                await self.store.wait_for_change(seen, lease.seconds / 3)
+                if len(messages) == self.batch:
+                    continue  # more may be waiting
+            # what committed before ``seen`` was read; a commit since then has moved
+            # the count, and the wait returns at once
+            await self.store.wait_for_change(seen, lease.seconds / 3)
 
     async def _forward(self, messages: list[OutboxMessage]) -> int:
         """Publish ``messages`` (one call per channel, in order), mark them sent."""
