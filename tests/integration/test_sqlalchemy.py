@@ -302,6 +302,33 @@ async def test_an_inbox_handler_using_the_orm_takes_effect_once(db: Database) ->
     assert debited.headers["ce_causationid"] == message.headers["ce_id"]
 
 
+async def test_concurrent_transactions_each_get_a_session_on_their_own_connection(
+    db: Database,
+) -> None:
+    ledger = service(db)
+
+    async def transfer(n: int) -> None:
+        async with ledger.transaction() as tx:
+            await orm(tx, lambda s: s.add(Account(id=f"n{n}", cents=n)))
+            await asyncio.sleep(0.01)  # the others run meanwhile (on PostgreSQL)
+            await tx.publish(Debited(account=f"n{n}", cents=n))
+            seen = await orm(tx, lambda s: s.scalars(select(Account.id)).all())
+            assert f"n{n}" in seen
+            if n % 2:
+                raise RuntimeError(f"transfer {n} refused")
+
+    async with ledger:
+        await create_accounts(ledger)
+        results = await asyncio.gather(*(transfer(n) for n in range(6)), return_exceptions=True)
+        assert [isinstance(r, RuntimeError) for r in results] == [False, True] * 3
+        assert await balances(ledger) == {"a": 1000, "b": 1000, "n0": 0, "n2": 2, "n4": 4}
+        assert sorted(m.key or "" for m in await ledger.store.outbox_batch()) == [
+            "n0",
+            "n2",
+            "n4",
+        ]
+
+
 async def test_the_wrong_style_for_the_store_names_the_right_one(db: Database) -> None:
     ledger = service(db)
 
