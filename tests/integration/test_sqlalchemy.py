@@ -329,6 +329,23 @@ async def test_concurrent_transactions_each_get_a_session_on_their_own_connectio
         ]
 
 
+async def engine_of(service: Service) -> object:
+    async with service.transaction() as tx:
+        if tx.dialect == "sqlite":
+            return tx.sqlalchemy().get_bind().engine
+        session = await tx.sqlalchemy_async()
+        return session.bind.engine  # type: ignore[union-attr]
+
+
+async def test_one_engine_per_store(db: Database) -> None:
+    ledger, other = service(db), service(db, "other")
+    async with ledger, other:
+        first = await engine_of(ledger)
+        assert await engine_of(ledger) is first
+        assert other.store is not ledger.store
+        assert await engine_of(other) is not first
+
+
 async def test_the_wrong_style_for_the_store_names_the_right_one(db: Database) -> None:
     ledger = service(db)
 
