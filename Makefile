@@ -7,7 +7,7 @@ ORDERS ?= 10000
 BROKER ?= sqlite
 STORE  ?= sqlite
 
-.PHONY: demo test test-unit test-integration bench bench-store lint format services-up services-down services-status clean
+.PHONY: demo test test-unit test-integration bench bench-store bench-outbox lint format services-up services-down services-status clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)  ## benchmarks; prints two JSON documents: the transport's, then
 
 bench-store: $(STAMP)  ## the event store against raw inserts and eventsourcing; one JSON document
 	@$(PY) -m benchmarks.store --store $(STORE)
+
+bench-outbox: $(STAMP)  ## the transactional outbox: transactions with and without it, the relay; one JSON document
+	@$(PY) -m benchmarks.outbox --store $(STORE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks

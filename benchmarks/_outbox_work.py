@@ -251,20 +251,24 @@ class OutboxBench:
         }
 
     async def latency(
-        self, start: int, rate: float, duration: float, timeout: float
+        self, start: int, rate: float, duration: float, timeout: float, in_flight: int
     ) -> dict[str, Any]:
         """Outbox transactions started at ``rate`` per second for ``duration`` seconds
-        (each in a task of its own, on schedule whatever the earlier ones do), the
-        relay running: the time from each commit to its event's broker acceptance."""
+        (each in a task of its own, on schedule whatever the earlier ones do, at most
+        ``in_flight`` open at once: a store slower than ``rate`` starts them late rather
+        than queueing thousands), the relay running: the time from each commit to its
+        event's broker acceptance."""
         total = int(rate * duration)
         self.published.expect(total)
         self.start_relay()
         await asyncio.sleep(0.2)  # the relay is waiting, as in a running service
         committed: dict[str, float] = {}
         durations: list[float] = []
+        slots = asyncio.Semaphore(in_flight)
 
         async def one(n: int, due: float) -> None:
-            done = await self.transaction(n, True)
+            async with slots:
+                done = await self.transaction(n, True)
             committed[f"order-{n:010d}"] = done
             durations.append(done - due)
 
@@ -280,7 +284,7 @@ class OutboxBench:
                 issued += 1
             await asyncio.sleep(max(0.0, loop_start + issued / rate - time.perf_counter()))
         await asyncio.gather(*tasks)
-        issued_for = time.perf_counter() - loop_start
+        issued_for = time.perf_counter() - loop_start  # until the last commit
         await self.wait_published(timeout)
         await self.settle(timeout)
         await self.stop_relay()
@@ -289,7 +293,8 @@ class OutboxBench:
             "rate_per_s": rate,
             "duration_s": duration,
             "events": total,
-            "achieved_rate_per_s": round(total / issued_for),
+            "in_flight_at_most": in_flight,
+            "committed_per_s": round(total / issued_for),
             "publish_calls": self.published.calls,
             "p50_ms": percentile_ms(lags, 50),
             "p90_ms": percentile_ms(lags, 90),

@@ -140,13 +140,16 @@ async def run(args: argparse.Namespace, token: str, workdir: Path, figures: dict
             numbers.take(args.events), args.events, args.width, args.timeout
         )
         total = int(args.rate * args.duration)
-        latency = await bench.latency(numbers.take(total), args.rate, args.duration, args.timeout)
+        latency = await bench.latency(
+            numbers.take(total), args.rate, args.duration, args.timeout, args.in_flight
+        )
         wanted = MAX_P99_MS.get(args.store)
         if wanted is not None:
             latency["target"] = {
                 "p99_ms_under": wanted,
                 "at_rate_per_s": 1000,
-                "meets_target": args.rate >= 1000 and latency["p99_ms"] < wanted,
+                "meets_target": latency["committed_per_s"] >= 1000 * 0.98
+                and latency["p99_ms"] < wanted,
             }
         figures["latency"] = latency
         if await bench.pending():
@@ -195,6 +198,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "events": args.events,
         "rate_per_s": args.rate,
         "duration_s": args.duration,
+        "in_flight": args.in_flight,
         "relay": "OutboxRelay in the writers' process, batch 500, publishing with "
         "transport.publish (one call per channel per batch)",
         "versions": {"nervus": version("nervus")},
@@ -209,6 +213,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         with psycopg.connect(args.url) as conn:
             row = conn.execute("SHOW synchronous_commit").fetchone()
             server = conn.execute("SHOW server_version").fetchone()
+            tls = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        found["tls"] = bool(tls and tls[0])
         found["durability"] = f"synchronous_commit={row[0] if row else '?'} (the server's)"
         found["transport"] = args.transport or (
             "postgresql: the PostgreSQL log in a schema of its own on the same server"
@@ -240,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events", type=int, default=10000, help="events of end_to_end")
     parser.add_argument("--rate", type=float, default=1000.0, help="transactions/s (latency)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds (latency)")
+    parser.add_argument(
+        "--in-flight", type=int, default=64, help="transactions open at once at most (latency)"
+    )
     parser.add_argument("--dir", default=None, help="where the SQLite file goes (sqlite)")
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds the relay may take for a figure"
