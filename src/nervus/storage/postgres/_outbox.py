@@ -124,12 +124,6 @@ class OutboxSql:
         self.purge_inbox = f"DELETE FROM {s}.inbox WHERE handled < $1"
         if layout == "debezium":
             self._debezium(s)
-        # a transaction's first enqueue also sends the NOTIFY (delivered at commit) in
-        # the same statement: one round trip, not two
-        marks = 7 if layout == "debezium" else 5
-        self.enqueue_notify = (
-            f"WITH queued AS ({self.enqueue}) SELECT pg_notify(${marks + 1}, 'outbox')"
-        )
 
     def _debezium(self, s: str) -> None:
         # the nervus layout's tables, the outbox's replaced (created first, so the

@@ -348,6 +348,8 @@ class PostgresEventStore(EventStore):
         self._appender: asyncpg.Connection | None = None
         self._change = 0
         self._changed: asyncio.Event | None = None
+        self._relays_to_tell = False
+        self._telling: asyncio.Task[None] | None = None
         self._outbox = OutboxSql(s, settings.outbox_layout)
         self._relay = RelayConnection(dsn, settings.connect_timeout)
         self._connected = False
@@ -399,6 +401,8 @@ class PostgresEventStore(EventStore):
             return
         self._closed = True
         await self._appends.drain()
+        if self._telling is not None:
+            await asyncio.wait([self._telling], timeout=2)
         self._notify()
         appender, self._appender = self._appender, None
         if appender is not None:
@@ -565,8 +569,29 @@ class PostgresEventStore(EventStore):
             raise error from exc
         if tx.changed:
             self._notify()
+        if tx.enqueued:
+            self._tell_relays()
 
     # -- the outbox and the inbox ----------------------------------------------------
+
+    def _tell_relays(self) -> None:
+        """Wake the relays of other processes: one NOTIFY after the commits of this
+        process that happened since the last one was sent (see ``_outbox``)."""
+        self._relays_to_tell = True
+        if self._telling is None or self._telling.done():
+            self._telling = asyncio.create_task(self._notify_relays())
+
+    async def _notify_relays(self) -> None:
+        while self._relays_to_tell and not self._closed:
+            self._relays_to_tell = False
+            try:
+                await self._fetch(
+                    "wake the relays",
+                    "SELECT pg_notify($1, 'outbox')",
+                    self.settings.notify_channel,
+                )
+            except Exception as exc:  # they look again within their poll interval anyway
+                log.debug("could not wake the outbox relays of %s: %s", self.url, exc)
 
     async def _check_outbox_layout(self, conn: _Conn) -> None:
         found = await conn.fetchval(
@@ -817,7 +842,7 @@ class PostgresTransaction(StoreTransaction):
         self.connection = connection
         """The transaction's asyncpg connection, for statements in its own style."""
         self.changed = False  # appended or enqueued: waiting readers look again
-        self._notified = False
+        self.enqueued = False  # other processes' relays are told after the commit
         schema = store.settings.schema
         self.namespace = f"{schema}."
         self._sql_load = f"SELECT position FROM {schema}.checkpoints WHERE name = $1"
@@ -863,13 +888,9 @@ class PostgresTransaction(StoreTransaction):
     ) -> None:
         sql = self._store._outbox
         args = sql.enqueue_args(channel, key, headers, body, time.time())
-        if self._notified:
-            await self.connection.execute(sql.enqueue, *args)
-        else:  # delivered at commit; once per transaction is enough
-            notify = self._store.settings.notify_channel
-            await self.connection.execute(sql.enqueue_notify, *args, notify)
-            self._notified = True
+        await self.connection.execute(sql.enqueue, *args)
         self.changed = True
+        self.enqueued = True
 
     async def record_handled(self, group: str, message_id: str) -> bool:
         status = await self.connection.execute(
