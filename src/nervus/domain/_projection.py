@@ -49,7 +49,6 @@ Rebuilds
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -60,6 +59,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from nervus.core import Message, type_name
+from nervus.core._restarts import keep_running
 from nervus.domain._decoding import EventDecoder
 from nervus.errors import ConfigurationError, NervusError, UnknownEventType
 from nervus.storage import EventStore, RecordedEvent, StoreTransaction
@@ -72,7 +72,6 @@ _HANDLES = "__nervus_handles__"
 _TABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")
 _TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
-_RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 
 
 def handles(fn: F) -> F:
@@ -258,19 +257,12 @@ class ProjectionRunner:
 
     async def run(self) -> None:
         """Apply events as they are stored, until cancelled."""
-        pause = _RETRY_FIRST
-        while True:
-            try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.error = f"{type(exc).__name__}: {exc}"
-                log.error("projection %s failed, retrying in %.1f s: %s", self.name, pause, exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _RETRY_MAX)
-            else:
-                pause = _RETRY_FIRST
+        await keep_running(
+            self._follow, name=f"projection {self.name}", logger=log, failed=self._failed
+        )
+
+    def _failed(self, error: str) -> None:
+        self.error = error
 
     async def _follow(self) -> None:
         generation = await self.setup()

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from nervus.core import Envelope, Message
+from nervus.core._restarts import keep_running
 from nervus.errors import ConfigurationError, NervusError, TransportError
 from nervus.runtime._lease import Lease
 from nervus.runtime._outgoing import encode
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("nervus.outbox")
 
 Publish = Callable[[str, list[OutgoingMessage]], Awaitable[None]]
-
-_RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 
 
 class AlreadyHandled(NervusError):
@@ -226,22 +225,13 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Publish as transactions commit, until cancelled."""
-        pause = _RETRY_FIRST
         try:
-            while True:
-                try:
-                    await self._follow()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    log.error("outbox relay failed, retrying in %.1f s: %s", pause, exc)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _RETRY_MAX)
-                else:
-                    pause = _RETRY_FIRST
+            await keep_running(self._follow, name="outbox relay", logger=log, failed=self._failed)
         finally:
             await asyncio.shield(self._lease.release())
+
+    def _failed(self, error: str) -> None:
+        self.error = error
 
     async def _follow(self) -> None:
         lease = self._lease

@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nervus.core import REGISTRY, TypeRegistry, channel_of_type
+from nervus.core._restarts import keep_running
 from nervus.runtime._lease import Lease
 from nervus.storage import EventStore, RecordedEvent
 from nervus.transports import OutgoingMessage
@@ -36,8 +37,6 @@ log = logging.getLogger("nervus.relay")
 
 Publish = Callable[[str, list[OutgoingMessage]], Awaitable[None]]
 """Publishes messages to a channel, retrying through outages (the service's)."""
-
-_RETRY_FIRST, _RETRY_MAX = 0.5, 30.0
 
 
 class Relay:
@@ -90,22 +89,15 @@ class Relay:
 
     async def run(self) -> None:
         """Publish events as they are stored, until cancelled."""
-        pause = _RETRY_FIRST
         try:
-            while True:
-                try:
-                    await self._follow()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.error = f"{type(exc).__name__}: {exc}"
-                    log.error("relay %s failed, retrying in %.1f s: %s", self.name, pause, exc)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _RETRY_MAX)
-                else:
-                    pause = _RETRY_FIRST
+            await keep_running(
+                self._follow, name=f"relay {self.name}", logger=log, failed=self._failed
+            )
         finally:
             await asyncio.shield(self.release())
+
+    def _failed(self, error: str) -> None:
+        self.error = error
 
     async def _follow(self) -> None:
         while True:  # another relay holds the lease: look again now and then
