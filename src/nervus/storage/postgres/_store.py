@@ -76,6 +76,7 @@ from nervus.storage._contract import (
     Snapshot,
     StoreTransaction,
 )
+from nervus.storage._rows import COLUMNS, recorded_events
 from nervus.storage.postgres._outbox import (
     OutboxSql,
     RelayConnection,
@@ -87,10 +88,6 @@ from nervus.storage.postgres._settings import PostgresStoreSettings, split_store
 
 log = logging.getLogger("nervus.storage.postgres")
 
-_COLUMNS = (
-    "position, stream_id, version, id, type, source, time, subject, content_type, "
-    "dataschema, correlation_id, causation_id, traceparent, tracestate, data"
-)
 
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -694,16 +691,16 @@ class PostgresEventStore(EventStore):
         if backwards:
             start = from_version if from_version is not None else 2**31 - 1
             sql = (
-                f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
+                f"SELECT {COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
                 "AND version <= $2 ORDER BY version DESC LIMIT $3"
             )
         else:
             start = from_version if from_version is not None else 1
             sql = (
-                f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
+                f"SELECT {COLUMNS} FROM {self._schema}.events WHERE stream_id = $1 "
                 "AND version >= $2 ORDER BY version LIMIT $3"
             )
-        return _recorded(await self._fetch("read a stream", sql, stream_id, start, limit))
+        return recorded_events(await self._fetch("read a stream", sql, stream_id, start, limit))
 
     async def stream_version(self, stream_id: str) -> int:
         rows = await self._fetch(
@@ -717,10 +714,10 @@ class PostgresEventStore(EventStore):
         if limit < 1:
             raise ValueError(f"limit={limit} must be 1 or more")
         sql = (
-            f"SELECT {_COLUMNS} FROM {self._schema}.events WHERE position > $1 "
+            f"SELECT {COLUMNS} FROM {self._schema}.events WHERE position > $1 "
             "ORDER BY position LIMIT $2"
         )
-        return _recorded(await self._fetch("read all events", sql, after, limit))
+        return recorded_events(await self._fetch("read all events", sql, after, limit))
 
     async def head(self) -> int:
         rows = await self._fetch(
@@ -932,47 +929,4 @@ def _rows(stream_id: str, events: Sequence[Envelope], expected_version: int | No
             e.data,
         )
         for e in events
-    ]
-
-
-def _recorded(rows: list[asyncpg.Record]) -> list[RecordedEvent]:
-    # unpacking a record is cheaper than indexing it fifteen times
-    return [
-        RecordedEvent(
-            stream_id,
-            version,
-            position,
-            Envelope(
-                id=event_id,
-                type=type_,
-                source=source,
-                time=time,
-                subject=subject,
-                datacontenttype=content_type,
-                dataschema=dataschema,
-                correlationid=correlation,
-                causationid=causation,
-                partitionkey=stream_id,
-                traceparent=traceparent,
-                tracestate=tracestate,
-                data=data,
-            ),
-        )
-        for (
-            position,
-            stream_id,
-            version,
-            event_id,
-            type_,
-            source,
-            time,
-            subject,
-            content_type,
-            dataschema,
-            correlation,
-            causation,
-            traceparent,
-            tracestate,
-            data,
-        ) in rows
     ]

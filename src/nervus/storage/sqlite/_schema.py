@@ -43,10 +43,6 @@ CREATE TABLE IF NOT EXISTS nervus_checkpoints (
 ) WITHOUT ROWID;
 """
 
-COLUMNS = (
-    "position, stream_id, version, id, type, source, time, subject, content_type, "
-    "dataschema, correlation_id, causation_id, traceparent, tracestate, data"
-)
 
 INSERT = (
     "INSERT INTO nervus_events (stream_id, version, id, type, source, time, subject, "

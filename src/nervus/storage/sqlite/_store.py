@@ -42,8 +42,9 @@ from nervus.storage._contract import (
     Snapshot,
     StoreTransaction,
 )
+from nervus.storage._rows import COLUMNS, recorded_events
 from nervus.storage.sqlite import _outbox as outbox
-from nervus.storage.sqlite._schema import COLUMNS, INSERT, create_schema
+from nervus.storage.sqlite._schema import INSERT, create_schema
 from nervus.storage.sqlite._transaction import SqliteTransactions
 
 _ERRORS = Errors(StoreUnavailable, StoreError)
@@ -429,45 +430,7 @@ def _head(conn: sqlite3.Connection) -> int:
 
 
 def _select(conn: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[RecordedEvent]:
-    return [
-        RecordedEvent(
-            stream_id,
-            version,
-            position,
-            Envelope(
-                id=event_id,
-                type=type_,
-                source=source,
-                time=time,
-                subject=subject,
-                datacontenttype=content_type,
-                dataschema=dataschema,
-                correlationid=correlation,
-                causationid=causation,
-                partitionkey=stream_id,
-                traceparent=traceparent,
-                tracestate=tracestate,
-                data=data,
-            ),
-        )
-        for (
-            position,
-            stream_id,
-            version,
-            event_id,
-            type_,
-            source,
-            time,
-            subject,
-            content_type,
-            dataschema,
-            correlation,
-            causation,
-            traceparent,
-            tracestate,
-            data,
-        ) in conn.execute(sql, params)
-    ]
+    return recorded_events(conn.execute(sql, params))
 
 
 def _save_snapshot(snapshot: Snapshot, conn: sqlite3.Connection) -> None:
