@@ -32,6 +32,10 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -173,3 +177,34 @@ def kafka_url() -> str:
 def kafka_bootstrap_servers(kafka_url: str) -> str:
     """``bootstrap.servers`` of a reachable Kafka cluster, e.g. ``127.0.0.1:9092``."""
     return kafka_bootstrap(kafka_url)
+
+
+@asynccontextmanager
+async def postgres_schema(postgres_url: str, prefix: str = "nervus_test") -> AsyncIterator[str]:
+    """A store URL on a schema of its own on ``postgres_url``, dropped afterwards."""
+    import asyncpg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    separator = "&" if "?" in postgres_url else "?"
+    yield f"{postgres_url}{separator}schema={schema}&poll_interval=0.2"
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite"),
+        pytest.param("postgres", marks=[pytest.mark.integration, pytest.mark.postgres]),
+    ]
+)
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty event store: a SQLite file, then a fresh schema on PostgreSQL (skipped,
+    or failed under NERVUS_REQUIRE_SERVICES=1, when the server is not reachable)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.db"
+        return
+    async with postgres_schema(request.getfixturevalue("postgres_url")) as url:
+        yield url

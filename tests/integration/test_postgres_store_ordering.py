@@ -4,12 +4,11 @@ skips an event that committed after a later position became visible."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
+from conftest import postgres_schema
 from nervus.core import Envelope
 from nervus.errors import ConfigurationError, EventIdConflict, StoreUnavailable
 from nervus.storage import ANY, NO_STREAM, RecordedEvent, store_from_url
@@ -25,13 +24,8 @@ def event(n: int) -> Envelope:
 
 @pytest.fixture
 async def store_url(postgres_url: str) -> AsyncIterator[str]:
-    schema = f"nervus_store_{uuid.uuid4().hex[:12]}"
-    yield f"{postgres_url}?schema={schema}&poll_interval=0.2"
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
+    async with postgres_schema(postgres_url, "nervus_store") as url:
+        yield url
 
 
 def open_store(url: str, *, serialize_appends: bool = True) -> PostgresEventStore:

@@ -4,11 +4,8 @@ rebuilds swap generations under readers, unknown types stop or are skipped."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import asyncpg
 import pytest
 
 from nervus import Envelope, Event
@@ -72,26 +69,6 @@ def envelope(event: Event) -> Envelope:
     return Envelope.new(
         type=type(event).__message_type__, source="test", data=JSON_CODEC.encode(event)
     )
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.unit),
-        pytest.param("postgres", marks=[pytest.mark.integration, pytest.mark.postgres]),
-    ]
-)
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/projections.db"
-        return
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    schema = f"nervus_proj_{uuid.uuid4().hex[:12]}"
-    yield f"{postgres_url}?schema={schema}&poll_interval=0.2"
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import asyncpg
 import pytest
 
 from nervus import Context, Event, Service, Settings
@@ -56,26 +54,10 @@ async def read(url: str, channel: str, at_least: int, within: float = 10.0) -> l
     return got
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.unit),
-        pytest.param("postgres", marks=[pytest.mark.integration, pytest.mark.postgres]),
-    ]
-)
-async def urls(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+@pytest.fixture
+def urls(store_url: str) -> tuple[str, str]:
     """A fresh in-memory broker, and a fresh store on SQLite or PostgreSQL."""
-    memory = f"memory://{uuid.uuid4().hex}?partitions=4"
-    if request.param == "sqlite":
-        yield memory, f"sqlite:///{tmp_path}/ledger.db"
-        return
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    schema = f"nervus_outbox_{uuid.uuid4().hex[:12]}"
-    yield memory, f"{postgres_url}?schema={schema}&poll_interval=0.2"
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
+    return f"memory://{uuid.uuid4().hex}?partitions=4", store_url
 
 
 async def balances(service: Service) -> dict[str, int]:

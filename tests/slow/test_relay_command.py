@@ -13,10 +13,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from nervus.storage import store_from_url
@@ -25,26 +23,6 @@ from nervus.transports import Delivery, from_url
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite"),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-    ]
-)
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.db"
-        return
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    schema = f"nervus_relay_{uuid.uuid4().hex[:12]}"
-    yield f"{postgres_url}?schema={schema}&poll_interval=0.2"
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
 
 
 def start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -11,43 +11,22 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import msgspec
 import pytest
 
 from nervus.domain import projection_statuses
 from nervus.storage import EventStore, store_from_url
 
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).with_name("store_crash_child.py")
 ROOT = Path(__file__).resolve().parents[2]
 APPENDERS, STREAMS, EVENTS = 3, 4, 60  # events per stream
 CHAOS_SECONDS = 12.0
 DEADLINE = 90.0
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", marks=pytest.mark.slow),
-        pytest.param("postgres", marks=[pytest.mark.slow, pytest.mark.postgres]),
-    ]
-)
-async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/crash.db"
-        return
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    schema = f"nervus_crash_{uuid.uuid4().hex[:12]}"
-    yield f"{postgres_url}?schema={schema}&poll_interval=0.2"
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    finally:
-        await conn.close()
 
 
 class Children:
