@@ -11,12 +11,16 @@ opens), ``raw`` (the broker's own Python client used the straightforward way) or
 ``faststream``. NAME is the fresh topic, stream, queue or schema of this run.
 Every wait is bounded by ``--deadline`` seconds.
 
-The clients send the same events: ``benchmarks._event.make_event`` encoded with
-the JSON codec. nervus wraps each in a CloudEvents envelope (a fresh id and time
-per event); the raw clients send the same header set, built once, as the
-broker's own headers (a column on PostgreSQL); FastStream sends a pydantic model
-with its own JSON. Every consumer decodes each event into its typed form and
-counts distinct order ids, so a duplicate delivery does not end a run early.
+The clients send the same events: ``benchmarks._event.make_event`` encoded as
+JSON. nervus wraps each in a CloudEvents envelope (a fresh id and time per
+event). The raw clients do the same work the straightforward way: per event a
+dict of the same CloudEvents headers with ``str(uuid.uuid4())`` as its id and
+``datetime.now(UTC).isoformat()`` as its time, sent as the broker's own
+headers (a JSON field on Redis, a column on PostgreSQL); their consumers read
+each message's headers, take its type from ``ce_type`` and decode the body into
+that type's class. FastStream sends a pydantic model with its own JSON. Every
+consumer counts distinct order ids, so a duplicate delivery does not end a run
+early.
 """
 
 import argparse
@@ -26,24 +30,20 @@ import json
 import os
 import sys
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-from benchmarks._event import OrderPlaced, decode_body, from_delivery, make_event, to_message
+from benchmarks._event import SOURCE, OrderPlaced, from_delivery, make_event, to_message
 from benchmarks._workers import wait_for_go
-from nervus.codecs import JSON_CODEC
 from nervus.transports import Transport, from_url
 
 CONSUMER = "bench-consumer-1"
-
-HEADERS: dict[str, Any] = dict(to_message(make_event(0)).headers)
-"""CloudEvents binary-mode headers of one event: what the raw clients send with each."""
-
-HEADERS_JSON = msgspec.json.encode(HEADERS)
 
 
 def group_of(name: str) -> str:
@@ -108,10 +108,43 @@ class Tally:
         }
 
 
-def raw_message(n: int) -> tuple[str, bytes]:
-    """The raw clients' message: partition key and the event's JSON."""
+# -- the raw clients' events -------------------------------------------------------------
+# What a user of the client writes to send typed events as CloudEvents in binary
+# content mode, without a framework: the same headers nervus sends, a fresh id and
+# time per event; at the consumer, the type from ``ce_type`` picks the class.
+
+RawMessage = tuple[str, dict[str, str], bytes]
+"""Partition key, headers, body."""
+
+encode_json = msgspec.json.Encoder().encode
+RAW_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    OrderPlaced.__message_type__: msgspec.json.Decoder(OrderPlaced)
+}
+"""The raw consumers' classes by event type: one decoder each."""
+headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def raw_message(n: int) -> RawMessage:
+    """The raw clients' message: the event's key, its CloudEvents headers, its JSON."""
     event = make_event(n)
-    return event.order_id, JSON_CODEC.encode(event)
+    key = event.order_id
+    event_id = str(uuid.uuid4())
+    headers = {
+        "ce_specversion": "1.0",
+        "ce_id": event_id,
+        "ce_type": OrderPlaced.__message_type__,
+        "ce_source": SOURCE,
+        "ce_time": datetime.now(UTC).isoformat(),
+        "content-type": "application/json",
+        "ce_correlationid": event_id,
+        "ce_partitionkey": key,
+    }
+    return key, headers, encode_json(event)
+
+
+def raw_decode(event_type: str, body: bytes) -> Any:
+    """The raw consumers' decoding: the class of ``ce_type`` (one dict lookup), then JSON."""
+    return RAW_DECODERS[event_type].decode(body)
 
 
 # -- raw clients -------------------------------------------------------------------------
@@ -129,7 +162,7 @@ class RawProducer(ABC):
     async def open(self) -> None: ...
 
     @abstractmethod
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         """Publish; accepted by the broker on return unless ``finish`` has to wait."""
 
     async def finish(self, deadline: Deadline) -> None:
@@ -142,8 +175,9 @@ class RawProducer(ABC):
 
 class RawConsumer(ABC):
     """One broker client consuming the straightforward way. ``open`` creates the
-    topic, stream, queue or table and the group; ``take`` returns bodies;
-    ``settle`` acknowledges or commits what the last ``take`` returned."""
+    topic, stream, queue or table and the group; ``take`` returns each message's
+    event type (its ``ce_type`` header) and body; ``settle`` acknowledges or
+    commits what the last ``take`` returned."""
 
     def __init__(self, url: str, name: str, partitions: int, prefetch: int) -> None:
         self.url = url
@@ -155,7 +189,7 @@ class RawConsumer(ABC):
     async def open(self, deadline: Deadline) -> None: ...
 
     @abstractmethod
-    async def take(self, limit: int, timeout: float) -> list[bytes]: ...
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]: ...
 
     @abstractmethod
     async def settle(self) -> None: ...
@@ -197,13 +231,13 @@ class KafkaRawProducer(RawProducer):
         else:
             self.delivered += 1
 
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         producer = self.producer
-        for key, body in messages:
+        for key, headers, body in messages:
             while True:
                 try:
                     producer.produce(
-                        self.name, body, key, headers=HEADERS, on_delivery=self._delivered
+                        self.name, body, key, headers=headers, on_delivery=self._delivered
                     )
                     break
                 except BufferError:
@@ -223,7 +257,8 @@ class KafkaRawProducer(RawProducer):
 
 class KafkaRawConsumer(RawConsumer):
     """confluent-kafka ``Consumer`` without auto-commit: ``poll`` for the first message,
-    ``consume`` what else is fetched, then ``commit`` the batch synchronously."""
+    ``consume`` what else is fetched, each message's headers as a dict, then ``commit``
+    the batch synchronously."""
 
     async def open(self, deadline: Deadline) -> None:
         from confluent_kafka import Consumer
@@ -239,12 +274,12 @@ class KafkaRawConsumer(RawConsumer):
             }
         )
         self.consumer.subscribe([self.name])
-        self.pending: list[bytes] = []
+        self.pending: list[tuple[str, bytes]] = []
         while not self.consumer.assignment():
             deadline.check("waiting for the Kafka group to assign partitions")
             self.pending.extend(await self.take(self.prefetch, 0.1))
 
-    async def take(self, limit: int, timeout: float) -> list[bytes]:
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]:
         if self.pending:
             taken, self.pending = self.pending[:limit], self.pending[limit:]
             return taken
@@ -253,11 +288,12 @@ class KafkaRawConsumer(RawConsumer):
         first = self.consumer.poll(timeout)
         if first is None:
             return []
-        bodies: list[bytes] = []
+        bodies: list[tuple[str, bytes]] = []
         for message in [first, *self.consumer.consume(limit - 1, 0)]:
             error = message.error()
             if error is None:
-                bodies.append(message.value() or b"")
+                headers = dict(message.headers() or ())
+                bodies.append((headers["ce_type"].decode(), message.value() or b""))
             elif error.fatal():
                 raise RuntimeError(f"Kafka consumer error: {error}")
             # Other errors are the client's news (a topic not yet known to every
@@ -286,9 +322,9 @@ class NatsRawProducer(RawProducer):
         self.nc = await nats.connect(self.url)
         self.js = self.nc.jetstream()
 
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         await asyncio.gather(
-            *(self.js.publish(self.name, body, headers=HEADERS) for _, body in messages)
+            *(self.js.publish(self.name, body, headers=headers) for _, headers, body in messages)
         )
 
     async def close(self) -> None:
@@ -309,14 +345,14 @@ class NatsRawConsumer(RawConsumer):
         )
         self.taken: list[Any] = []
 
-    async def take(self, limit: int, timeout: float) -> list[bytes]:
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]:
         import nats.errors
 
         try:
             self.taken = await self.sub.fetch(limit, timeout=timeout)
         except nats.errors.TimeoutError:
             self.taken = []
-        return [m.data for m in self.taken]
+        return [(m.headers["ce_type"], m.data) for m in self.taken]
 
     async def settle(self) -> None:
         for message in self.taken:
@@ -337,10 +373,10 @@ class RedisRawProducer(RawProducer):
         pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, timeout=30)
         self.redis = redis.asyncio.Redis(connection_pool=pool)
 
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for key, body in messages:
-            pipe.xadd(self.name, {"key": key, "headers": HEADERS_JSON, "body": body})
+        for key, headers, body in messages:
+            pipe.xadd(self.name, {"key": key, "headers": encode_json(headers), "body": body})
         await pipe.execute()
 
     async def close(self) -> None:
@@ -348,7 +384,8 @@ class RedisRawProducer(RawProducer):
 
 
 class RedisRawConsumer(RawConsumer):
-    """redis-py (asyncio) Streams: ``XREADGROUP`` a batch, one ``XACK`` for its ids."""
+    """redis-py (asyncio) Streams: ``XREADGROUP`` a batch, each entry's headers
+    decoded from JSON, one ``XACK`` for its ids."""
 
     async def open(self, deadline: Deadline) -> None:
         import redis.asyncio
@@ -357,7 +394,7 @@ class RedisRawConsumer(RawConsumer):
         await self.redis.xgroup_create(self.name, group_of(self.name), id="0", mkstream=True)
         self.ids: list[bytes] = []
 
-    async def take(self, limit: int, timeout: float) -> list[bytes]:
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]:
         reply = await self.redis.xreadgroup(
             group_of(self.name),
             CONSUMER,
@@ -369,7 +406,10 @@ class RedisRawConsumer(RawConsumer):
             return []
         entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]  # type: ignore[index, assignment]
         self.ids = [entry_id for entry_id, _ in entries]
-        return [fields[b"body"] for _, fields in entries]
+        return [
+            (headers_decoder.decode(fields[b"headers"])["ce_type"], fields[b"body"])
+            for _, fields in entries
+        ]
 
     async def settle(self) -> None:
         if self.ids:
@@ -392,15 +432,15 @@ class RabbitRawProducer(RawProducer):
         self.message_type = aio_pika.Message
         self.persistent = aio_pika.DeliveryMode.PERSISTENT
 
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         exchange = self.channel.default_exchange
         await asyncio.gather(
             *(
                 exchange.publish(
-                    self.message_type(body, headers=HEADERS, delivery_mode=self.persistent),
+                    self.message_type(body, headers=headers, delivery_mode=self.persistent),
                     routing_key=self.name,
                 )
-                for _, body in messages
+                for _, headers, body in messages
             )
         )
 
@@ -422,7 +462,7 @@ class RabbitRawConsumer(RawConsumer):
         self.taken: list[Any] = []
         await queue.consume(self.inbox.put)
 
-    async def take(self, limit: int, timeout: float) -> list[bytes]:
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]:
         try:
             first = await asyncio.wait_for(self.inbox.get(), timeout)
         except TimeoutError:
@@ -430,7 +470,7 @@ class RabbitRawConsumer(RawConsumer):
         self.taken = [first]
         while len(self.taken) < limit and not self.inbox.empty():
             self.taken.append(self.inbox.get_nowait())
-        return [m.body for m in self.taken]
+        return [(m.headers["ce_type"], m.body) for m in self.taken]
 
     async def settle(self) -> None:
         for message in self.taken:
@@ -458,10 +498,10 @@ class PostgresRawProducer(RawProducer):
             self.statements[rows] = statement
         return statement
 
-    async def send(self, messages: list[tuple[str, bytes]]) -> None:
+    async def send(self, messages: list[RawMessage]) -> None:
         params: list[Any] = []
-        for key, body in messages:
-            params += (key, HEADERS_JSON, body)
+        for key, headers, body in messages:
+            params += (key, encode_json(headers), body)
         await self.conn.execute(self._statement(len(messages)), params)
 
     async def close(self) -> None:
@@ -469,8 +509,9 @@ class PostgresRawProducer(RawProducer):
 
 
 class PostgresRawConsumer(RawConsumer):
-    """psycopg (asyncio): ``SELECT ... WHERE id > last ORDER BY id LIMIT n``, then one
-    ``UPDATE`` of the group's offset per batch. Polls every 2 ms when idle."""
+    """psycopg (asyncio): ``SELECT ... WHERE id > last ORDER BY id LIMIT n``, each row's
+    headers decoded from JSON, then one ``UPDATE`` of the group's offset per batch.
+    Polls every 2 ms when idle."""
 
     async def open(self, deadline: Deadline) -> None:
         import psycopg
@@ -491,17 +532,17 @@ class PostgresRawConsumer(RawConsumer):
         self.position = 0
         self.taken_up_to = 0
 
-    async def take(self, limit: int, timeout: float) -> list[bytes]:
+    async def take(self, limit: int, timeout: float) -> list[tuple[str, bytes]]:
         until = time.monotonic() + timeout
         while True:
             cursor = await self.conn.execute(
-                f"SELECT id, body FROM {self.name}.log WHERE id > %s ORDER BY id LIMIT %s",
+                f"SELECT id, headers, body FROM {self.name}.log WHERE id > %s ORDER BY id LIMIT %s",
                 (self.position, limit),
             )
             rows = await cursor.fetchall()
             if rows:
                 self.taken_up_to = rows[-1][0]
-                return [row[1] for row in rows]
+                return [(headers_decoder.decode(row[1])["ce_type"], row[2]) for row in rows]
             if time.monotonic() >= until:
                 return []
             await asyncio.sleep(0.002)
@@ -688,9 +729,9 @@ async def raw_consumer(args: argparse.Namespace, deadline: Deadline) -> dict[str
         report(ready=True)
         while len(tally.seen) < wanted:
             deadline.check(f"consuming ({len(tally.seen)} of {wanted} events received)")
-            bodies = await consumer.take(args.fetch, min(1.0, max(deadline.left(), 0.001)))
-            for body in bodies:
-                tally.add(decode_body(body))
+            taken = await consumer.take(args.fetch, min(1.0, max(deadline.left(), 0.001)))
+            for event_type, body in taken:
+                tally.add(raw_decode(event_type, body))
             await consumer.settle()
         tally.last = time.time()
     finally:

@@ -54,34 +54,46 @@ BROKERS = sorted(DEFAULT_URLS)
 # channel (key-value buckets, group keys, tables) to one run's name.
 SCOPE_OPTION = {"nats": "namespace", "redis": "prefix", "postgres": "schema"}
 
+RAW_EVENTS = (
+    "per event: the typed event encoded with msgspec, and a dict of the CloudEvents "
+    "headers nervus sends (ce_specversion, ce_id, ce_type, ce_source, ce_time, "
+    "content-type, ce_correlationid, ce_partitionkey) with ce_id = str(uuid.uuid4()) "
+    "and ce_time = datetime.now(UTC).isoformat(); the consumer reads each "
+    "message's headers, takes ce_type and decodes the body into that type's class "
+    "(one dict lookup)"
+)
 RAW_CLIENTS = {
     "kafka": (
         "confluent-kafka",
-        "Producer (defaults, acks=all): produce with a delivery "
+        "Producer (defaults, acks=all): produce with the headers dict and a delivery "
         "callback per event, poll(0), flush at the end; Consumer without auto-commit: "
-        "poll, consume what is already fetched, a synchronous commit per batch",
+        "poll, consume what is already fetched, dict(message.headers()) per event, a "
+        "synchronous commit per batch",
     ),
     "nats": (
         "nats-py",
-        "JetStream: js.publish (waits for the ack) per event, the publishes of "
-        "a batch awaited together; pull subscription: fetch(n), msg.ack() per event",
+        "JetStream: js.publish with the headers (waits for the ack) per event, the "
+        "publishes of a batch awaited together; pull subscription: fetch(n), "
+        "msg.headers, msg.ack() per event",
     ),
     "redis": (
         "redis",
-        "redis.asyncio Streams: XADD per event in a pipeline per batch; "
-        "XREADGROUP COUNT n, one XACK per batch",
+        "redis.asyncio Streams: XADD per event (fields key, headers as JSON, body) in a "
+        "pipeline per batch; XREADGROUP COUNT n, the headers decoded from JSON per "
+        "entry, one XACK per batch",
     ),
     "rabbitmq": (
         "aio-pika",
-        "publisher confirms, persistent messages to a durable queue, the "
-        "publishes of a batch awaited together; consumer with prefetch = fetch, "
-        "ack per event",
+        "publisher confirms, persistent messages with the headers to a durable queue, "
+        "the publishes of a batch awaited together; consumer with prefetch = fetch, "
+        "message.headers and ack per event",
     ),
     "postgres": (
         "psycopg",
-        "psycopg AsyncConnection: one multi-row INSERT per batch; "
-        "SELECT ... WHERE id > last ORDER BY id LIMIT n and an UPDATE of the "
-        "group's offset per batch, polling every 2 ms when idle",
+        "psycopg AsyncConnection: one multi-row INSERT (key, headers as JSON, body) per "
+        "batch; SELECT id, headers, body ... WHERE id > last ORDER BY id LIMIT n, the "
+        "headers decoded from JSON per row, and an UPDATE of the group's offset per "
+        "batch, polling every 2 ms when idle",
     ),
 }
 FASTSTREAM_HOW = (
@@ -311,6 +323,7 @@ class BrokerRun:
         package, how = RAW_CLIENTS[self.broker]
         result["raw"]["client"] = f"{package} {version(package)}"
         result["raw"]["how"] = how
+        result["raw"]["per_event"] = RAW_EVENTS
         reference = REFERENCE_EVENTS_PER_S["raw"].get(self.broker)
         if reference is not None:
             result["raw"]["reference_events_per_s"] = reference
