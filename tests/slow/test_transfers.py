@@ -301,18 +301,18 @@ async def count_rows(store: EventStore, table: str) -> int:
     return int(rows[0][0])  # type: ignore[call-overload]
 
 
-async def drained(setup: Setup, transfers: int) -> bool:
-    """Whether every transfer was debited and credited, waiting up to DRAIN_SECONDS."""
-    async with (
-        store_from_url(setup.stores["transfers"]) as debiting,
-        store_from_url(setup.stores["accounts"]) as crediting,
-    ):
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while time.monotonic() < deadline:
-            debited = await count_rows(debiting, "debits")
-            if debited == transfers and await count_rows(crediting, "ledger") == transfers:
-                return True
-            await asyncio.sleep(0.3)
+async def drained(debiting: EventStore, crediting: EventStore, transfers: int) -> bool:
+    """Whether every transfer was debited and credited and the outbox marked sent,
+    waiting up to DRAIN_SECONDS."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while time.monotonic() < deadline:
+        if (
+            await count_rows(debiting, "debits") == transfers
+            and await count_rows(crediting, "ledger") == transfers
+            and (await debiting.outbox_counts())[0] == 0
+        ):
+            return True
+        await asyncio.sleep(0.3)
     return False
 
 
@@ -320,6 +320,11 @@ async def test_transfers_end_with_every_balance_right(setup: Setup, tmp_path: Pa
     rng = random.Random(int(os.environ.get("NERVUS_TEST_SEED", "2024")))
     began = time.monotonic()
     await prepare(setup)
+    # connected before the processes start: a store's connect creates its tables
+    debiting = store_from_url(setup.stores["transfers"])
+    crediting = store_from_url(setup.stores["accounts"])
+    await debiting.connect()
+    await crediting.connect()
     transport = from_url(setup.transport)
     await transport.connect()
     fleet = Fleet(setup, tmp_path)
@@ -345,14 +350,17 @@ async def test_transfers_end_with_every_balance_right(setup: Setup, tmp_path: Pa
             await driver.issue(TRANSFERS - len(driver.issued))
         await fleet.started(START_SECONDS)  # no more kills
         await driver.late_duplicates()
-        assert await drained(setup, len(driver.issued)), fleet.failure(every=True)
+        transfers = len(driver.issued)
+        assert await drained(debiting, crediting, transfers), fleet.failure(every=True)
         assert fleet.failure() is None, fleet.failure()
         codes = fleet.stop()
         assert set(codes.values()) == {0}, (codes, fleet.failure(every=True))
+        await check(debiting, crediting, driver.issued)
     finally:
         await transport.close()
         fleet.stop()
-    await check(setup, driver.issued)
+        await debiting.close()
+        await crediting.close()
     suppressed = {name: fleet.suppressed(name) for name in ("transfers", "accounts")}
     assert suppressed["transfers"] >= LATE_DUPLICATES, suppressed
     assert suppressed["accounts"] >= LATE_DUPLICATES, suppressed
@@ -364,15 +372,16 @@ async def test_transfers_end_with_every_balance_right(setup: Setup, tmp_path: Pa
     )
 
 
-async def check(setup: Setup, issued: dict[str, TransferRequested]) -> None:
-    async with store_from_url(setup.stores["transfers"]) as store:
-        async with store.transaction() as tx:
-            ns = tx.namespace
-            balances = dict(await tx.fetch(f"SELECT account, cents FROM {ns}balances"))
-            debits = await tx.fetch(f"SELECT transfer_id, account, cents FROM {ns}debits")
-        assert await store.outbox_counts() == (0, len(issued)), "an outbox message is unsent"
-        assert await store.outbox_dead_letters() == []
-    async with store_from_url(setup.stores["accounts"]) as store, store.transaction() as tx:
+async def check(
+    debiting: EventStore, crediting: EventStore, issued: dict[str, TransferRequested]
+) -> None:
+    async with debiting.transaction() as tx:
+        ns = tx.namespace
+        balances = dict(await tx.fetch(f"SELECT account, cents FROM {ns}balances"))
+        debits = await tx.fetch(f"SELECT transfer_id, account, cents FROM {ns}debits")
+    assert await debiting.outbox_counts() == (0, len(issued)), "an outbox message is unsent"
+    assert await debiting.outbox_dead_letters() == []
+    async with crediting.transaction() as tx:
         ns = tx.namespace
         credits = dict(await tx.fetch(f"SELECT account, cents FROM {ns}credits"))
         ledger = await tx.fetch(f"SELECT transfer_id, account, cents FROM {ns}ledger")
