@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -14,6 +16,8 @@ from nervus.core import (
     REGISTRY,
     Envelope,
     Event,
+    _clock,
+    _ids,
     channel_of,
     new_id,
     type_name,
@@ -70,6 +74,46 @@ def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     assert len(theirs) == 200
     assert not mine & theirs
     assert {t[19:] for t in theirs}.isdisjoint({m[19:] for m in mine}), "random bits repeat"
+
+
+@pytest.fixture
+def fresh_ids() -> Iterator[None]:
+    """Ids made on a clock of the test's own, then on the real clock again."""
+    _ids._forget_state()
+    yield
+    _ids._forget_state()
+
+
+@pytest.mark.usefixtures("fresh_ids")
+def test_ids_increase_when_the_clock_stands_still_or_steps_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = 1_700_000_000_000_000_000
+    monkeypatch.setattr(_ids, "time_ns", lambda: now)
+    ids = [new_id() for _ in range(5000)]  # more than one millisecond's counter holds
+    now -= 5_000_000_000
+    ids += [new_id() for _ in range(100)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert uuid7_time_ms(ids[0]) == 1_700_000_000_000
+    assert uuid7_time_ms(ids[-1]) == 1_700_000_000_001, "the next millisecond is borrowed"
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+
+
+def test_rfc3339_now_is_utc_with_microseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    moments = [
+        1_700_000_000_123_456_789,
+        1_700_000_000_123_999_999,
+        1_700_000_000_999_999_999,
+        1_700_000_001_000_000_000,
+        1_699_999_999_999_000_500,  # the clock stepped back
+        0,
+        4_102_444_800_000_001_000,
+    ]
+    for ns in moments:
+        monkeypatch.setattr(_clock, "time_ns", lambda ns=ns: ns)
+        expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
+        assert _clock.rfc3339_now() == expected.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def test_event_declaration_gives_type_channel_and_key() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from time import time_ns
 from typing import Protocol
 
 
@@ -73,19 +74,37 @@ class ManualClock:
 SYSTEM_CLOCK = SystemClock()
 
 
-_second = -1
-_second_text = ""
+_MICROS = tuple(f"{n:03d}Z" for n in range(1000))
+_millisecond: tuple[int, int, str] = (0, 0, "")
+"""The millisecond of the last ``rfc3339_now``: where it begins and ends in
+``time_ns()`` and its text up to the milliseconds (one tuple: threads read it whole)."""
+_second: tuple[int, str] = (0, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(0)))
+"""The second of the last millisecond made and its text."""
 
 
 def rfc3339_now() -> str:
     """The current UTC time as RFC 3339 text with microseconds: ``2026-11-26T16:30:00.123456Z``.
 
-    The date and time up to the second are formatted once per second.
+    The text up to the millisecond is made once per millisecond; the microseconds
+    come from a table.
     """
-    global _second, _second_text
-    ns = time.time_ns()
-    second, micros = divmod(ns // 1000, 1_000_000)
-    if second != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    return f"{_second_text}.{micros:06d}Z"
+    ns = time_ns()
+    start, end, text = _millisecond
+    if not start <= ns < end:
+        start, end, text = _enter_millisecond(ns)
+    return text + _MICROS[(ns - start) // 1000]
+
+
+def _enter_millisecond(ns: int) -> tuple[int, int, str]:
+    """Make the millisecond of ``ns`` the current one; the date and time up to the
+    second are formatted once per second."""
+    global _millisecond, _second
+    ms = ns // 1_000_000
+    second, millis = divmod(ms, 1000)
+    known, text = _second
+    if second != known:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second, text
+    start = ms * 1_000_000
+    _millisecond = current = (start, start + 1_000_000, f"{text}.{millis:03d}")
+    return current

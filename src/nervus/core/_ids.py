@@ -4,83 +4,86 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
+from time import time_ns
+
+_RANDOM_HALVES = 1024  # random halves made from one os.urandom call
+_COUNTER_HEX = tuple(f"{n:03x}-" for n in range(0x1000))
+_SET_VARIANT = bytes(0x80 | (n & 0x3F) for n in range(256))  # a byte with its top bits 0b10
 
 _lock = threading.Lock()
-_last_ms = 0
-_counter = 0
-_random = b""
-_random_at = 0
-_RANDOM_BATCH = 8192  # bytes of os.urandom fetched at once: one system call per 1,024 ids
+_halves: list[str] = []
+"""Random halves of ids not yet used, as text: ``vxxx-xxxxxxxxxxxx`` (62 random bits)."""
+_ms = 0  # the millisecond of the last id
+_next_ms_ns = 0  # the time_ns() at which the millisecond after it begins
+_counter = 0  # the 12-bit counter of the last id
+_prefix = ""  # the text of _ms and the version: ``tttttttt-tttt-7``
 
 
-def _forget_random() -> None:
-    """A forked child must not reuse its parent's random bytes (or its counter state)."""
-    global _random, _random_at, _last_ms
-    _random, _random_at, _last_ms = b"", 0, 0
+def _forget_state() -> None:
+    """A forked child must not reuse its parent's random halves, counter or lock."""
+    global _lock, _next_ms_ns
+    _lock = threading.Lock()
+    _halves.clear()
+    _next_ms_ns = 0
 
 
-os.register_at_fork(after_in_child=_forget_random)
+os.register_at_fork(after_in_child=_forget_state)
 
 
-def _next() -> tuple[int, int, bytes]:
-    """The parts of a new UUIDv7: Unix milliseconds, a 12-bit counter, 8 random bytes
-    (of which the low 62 bits are used).
-
-    The counter is seeded at random each millisecond and counts up within it
-    (RFC 9562 method 1), so within one process ids strictly increase. Random bits
-    come from ``os.urandom``, fetched in batches.
-    """
-    global _last_ms, _counter, _random, _random_at
-    with _lock:
-        ms = time.time_ns() // 1_000_000
-        if _random_at + 10 > len(_random):
-            _random, _random_at = os.urandom(_RANDOM_BATCH), 0
-        at = _random_at
-        _random_at = at + 10
-        chunk = _random[at : at + 10]
-        if ms > _last_ms:
-            _last_ms = ms
-            _counter = int.from_bytes(chunk[8:]) & 0x7FF
-        else:
-            _counter += 1
-            if _counter > 0xFFF:  # counter exhausted: borrow the next millisecond
-                _last_ms += 1
-                _counter = 0
-            ms = _last_ms
-        counter = _counter
-    return ms, counter, chunk[:8]
+def _random_half() -> str:
+    """The next unused random half (the lock is held). Made 1,024 at a time from
+    ``os.urandom``, by bytes and string operations that loop in C."""
+    if not _halves:
+        # per id 2 bytes, the first with the variant bits set, and 6 bytes:
+        # the text "vxxx" and "xxxxxxxxxxxx", joined by "-"
+        first = bytearray(os.urandom(2 * _RANDOM_HALVES))
+        first[::2] = first[::2].translate(_SET_VARIANT)
+        rest = os.urandom(6 * _RANDOM_HALVES)
+        pairs = zip(first.hex(" ", 2).split(), rest.hex(" ", 6).split(), strict=True)
+        _halves.extend(map("-".join, pairs))
+    return _halves.pop()
 
 
-def uuid7() -> uuid.UUID:
-    """A new UUIDv7 (RFC 9562): 48-bit Unix milliseconds, version 7, 12-bit counter,
-    variant, 62 random bits."""
-    ms, counter, random = _next()
-    rand_b = int.from_bytes(random) & 0x3FFF_FFFF_FFFF_FFFF
-    return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b)
-
-
-_prefix_ms = -1
-_prefix = ""
-_COUNTER_HEX = [f"{n:03x}" for n in range(0x1000)]
-# the first hex digit of the random half, with the two variant bits set to 0b10
-_VARIANT_HEX = {f"{n:x}": "89ab"[n & 3] for n in range(16)}
+def _enter_millisecond(ms: int, counter: int) -> None:
+    """Make ``ms`` the millisecond of the next ids, counting from ``counter`` (the lock is held)."""
+    global _ms, _next_ms_ns, _counter, _prefix
+    h = f"{ms:012x}"
+    _ms, _next_ms_ns, _counter, _prefix = ms, (ms + 1) * 1_000_000, counter, f"{h[:8]}-{h[8:]}-7"
 
 
 def new_id() -> str:
-    """A new message id: a UUIDv7 in its canonical text form.
+    """A new message id: a UUIDv7 (RFC 9562) in its canonical text form.
 
-    Formatted directly (the millisecond part once per millisecond): the same text
-    as ``str(uuid7())`` at a fraction of the cost, on every publish's path.
+    48-bit Unix milliseconds, version 7, a 12-bit counter, the variant, 62 random
+    bits. The counter is seeded at random each millisecond and counts up within it
+    (RFC 9562 method 1); when it runs out the ids borrow the next millisecond, so
+    within one process ids strictly increase, even if the clock steps back. Random
+    bits come from ``os.urandom``, made into text in batches; the text of the
+    millisecond is made once per millisecond.
     """
-    global _prefix_ms, _prefix
-    ms, counter, random = _next()
-    if ms != _prefix_ms:
-        h = f"{ms:012x}"
-        _prefix, _prefix_ms = f"{h[:8]}-{h[8:]}-7", ms
-    r = random.hex()
-    return f"{_prefix}{_COUNTER_HEX[counter]}-{_VARIANT_HEX[r[0]]}{r[1:4]}-{r[4:]}"
+    global _counter
+    lock = _lock
+    lock.acquire()  # not ``with``: half the cost, on every publish's path
+    try:
+        half = _halves.pop() if _halves else _random_half()
+        now = time_ns()
+        if now < _next_ms_ns:  # within the millisecond of the last id, or before it
+            counter = _counter = _counter + 1
+            if counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                counter = 0
+                _enter_millisecond(_ms + 1, counter)
+        else:
+            counter = int(_random_half()[5:8], 16) & 0x7FF
+            _enter_millisecond(now // 1_000_000, counter)
+        return f"{_prefix}{_COUNTER_HEX[counter]}{half}"
+    finally:
+        lock.release()
+
+
+def uuid7() -> uuid.UUID:
+    """A new UUIDv7 (RFC 9562) as a ``uuid.UUID``: the id ``new_id`` would give."""
+    return uuid.UUID(new_id())
 
 
 def uuid7_time_ms(value: uuid.UUID | str) -> int:
