@@ -19,16 +19,15 @@ class EventDecoder:
         self.upcasters = upcasters
 
     def decode(self, recorded: RecordedEvent) -> Message:
-        envelope = recorded.envelope
-        if envelope.datacontenttype != _JSON:
+        if recorded.datacontenttype != _JSON:
             raise DecodeError(
-                envelope.type,
-                f"content type {envelope.datacontenttype!r} is not {_JSON!r}",
+                recorded.type,
+                f"content type {recorded.datacontenttype!r} is not {_JSON!r}",
                 stream_id=recorded.stream_id,
                 version=recorded.version,
             )
         try:
-            return self.upcasters.decode(envelope.type, envelope.data, self.registry)
+            return self.upcasters.decode(recorded.type, recorded.data, self.registry)
         except UnknownEventType as exc:
             raise UnknownEventType(
                 exc.event_type,

@@ -298,7 +298,7 @@ class ProjectionRunner:
         return len(relevant)
 
     def _handler_for(self, recorded: RecordedEvent) -> Handler | None:
-        name = recorded.envelope.type
+        name = recorded.type
         fn = self._by_type_name.get(name)
         if fn is not None:
             return fn

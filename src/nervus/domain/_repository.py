@@ -112,8 +112,8 @@ class Repository(Generic[A]):
         for recorded in await self.store.read_stream(stream_id, from_version=version + 1):
             aggregate.apply(self.decoder.decode(recorded))
             version = recorded.version
-            if recorded.envelope.causationid is not None:
-                causes.add(recorded.envelope.causationid)
+            if recorded.causationid is not None:
+                causes.add(recorded.causationid)
         return Loaded(aggregate, stream_id, version, frozenset(causes))
 
     async def _from_snapshot(self, stream_id: str) -> tuple[A, int]:
@@ -173,7 +173,7 @@ class Repository(Generic[A]):
         caused = [
             r
             for r in await self.store.read_stream(loaded.stream_id, backwards=True, limit=1000)
-            if r.envelope.causationid == cause.id
+            if r.causationid == cause.id
         ]
         version = caused[0].version if caused else loaded.version
         position = caused[0].position if caused else 0

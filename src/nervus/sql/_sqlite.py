@@ -13,6 +13,7 @@ lease renewals cost one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (one fsync) together.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -163,6 +164,41 @@ def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     readers; returns SQLite's (busy, frames in the WAL, frames checkpointed)."""
     busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(busy), int(frames), int(done)
+
+
+class Checkpointer:
+    """Copies the WAL into the database file every ``interval`` seconds, on a
+    connection and a thread of its own (``wal_autocheckpoint`` is off on every
+    connection, so commits never wait for it). Without it the WAL would grow until
+    the last connection closes, and reads would slow down as it grows."""
+
+    def __init__(self, path: str, *, interval: float, busy_timeout: float, errors: Errors) -> None:
+        self.path = path
+        self.interval = interval
+        self._conn = Connection(
+            path, name="checkpoint", synchronous="normal", busy_timeout=busy_timeout, errors=errors
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._conn.open()
+        self._task = asyncio.create_task(self._loop(), name=f"nervus-checkpoint {self.path}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._conn.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._conn.run(checkpoint)
+            except sqlite3.Error:
+                log.warning("checkpointing the WAL of %s failed", self.path, exc_info=True)
 
 
 class _Failed:

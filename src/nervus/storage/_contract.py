@@ -84,20 +84,44 @@ ANY: Final = None
 
 
 class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
-    """An event as stored: where it is, and its envelope (id, type, data, ids, time)."""
+    """An event as stored: where it is (stream, version, global position) and what it
+    is (its CloudEvents attributes and ``data``). ``envelope`` gives it as an
+    ``Envelope`` (built when asked: readers that only decode need ``type`` and
+    ``data``), with the stream id as its partition key."""
 
     stream_id: str
     version: int
     position: int
-    envelope: Envelope
+    id: str
+    type: str
+    source: str
+    time: str
+    subject: str | None
+    datacontenttype: str
+    dataschema: str | None
+    correlationid: str | None
+    causationid: str | None
+    traceparent: str | None
+    tracestate: str | None
+    data: bytes
 
     @property
-    def id(self) -> str:
-        return self.envelope.id
-
-    @property
-    def type(self) -> str:
-        return self.envelope.type
+    def envelope(self) -> Envelope:
+        return Envelope(
+            id=self.id,
+            type=self.type,
+            source=self.source,
+            data=self.data,
+            time=self.time,
+            subject=self.subject,
+            datacontenttype=self.datacontenttype,
+            dataschema=self.dataschema,
+            correlationid=self.correlationid,
+            causationid=self.causationid,
+            partitionkey=self.stream_id,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+        )
 
 
 class AppendResult(msgspec.Struct, frozen=True, gc=False):

@@ -31,7 +31,7 @@ from nervus.errors import (
     StoreError,
     StoreUnavailable,
 )
-from nervus.sql._sqlite import Connection, Errors, Writer
+from nervus.sql._sqlite import Checkpointer, Connection, Errors, Writer
 from nervus.sql._watch import Changes
 from nervus.storage._ahead import ReadAhead
 from nervus.storage._contract import (
@@ -63,13 +63,15 @@ class SqliteStoreSettings(msgspec.Struct, kw_only=True):
     ``synchronous``: ``full`` (an append survives power loss), ``normal`` (it
     survives a process crash) or ``off``. ``busy_timeout``: how long a write waits
     for another process's lock. ``poll_interval``: how often a waiting subscriber
-    checks for other processes' commits.
+    checks for other processes' commits. ``checkpoint_interval``: how often the WAL is
+    copied into the database file (off the write path).
     """
 
     path: str
     synchronous: Literal["full", "normal", "off"] = "full"
     busy_timeout: float = 30.0
     poll_interval: float = 0.004
+    checkpoint_interval: float = 0.5
 
     def validate(self) -> list[str]:
         problems: list[str] = []
@@ -77,7 +79,7 @@ class SqliteStoreSettings(msgspec.Struct, kw_only=True):
             problems.append(
                 "the database path is empty; write sqlite:///relative.db or sqlite:////abs.db"
             )
-        for name in ("busy_timeout", "poll_interval"):
+        for name in ("busy_timeout", "poll_interval", "checkpoint_interval"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         return problems
@@ -108,6 +110,9 @@ class SqliteEventStore(EventStore):
             busy_timeout=busy,
             append=_append,
             rows=_rows,
+        )
+        self._checkpointer = Checkpointer(
+            self.path, interval=settings.checkpoint_interval, busy_timeout=busy, errors=_ERRORS
         )
         self._changes = Changes(self.path, poll_interval=settings.poll_interval, busy_timeout=busy)
         self._writer = Writer(
@@ -146,6 +151,7 @@ class SqliteEventStore(EventStore):
             await self._writer.submit(outbox.create_tables)
             await self._reader.open()
             await self._transactions.open()
+            await self._checkpointer.start()
         except BaseException:
             await self._writer.close()
             raise
@@ -157,6 +163,7 @@ class SqliteEventStore(EventStore):
         self._closed = True
         self._changes.close()
         await self._writer.close()  # lets queued appends commit
+        await self._checkpointer.stop()
         await self._transactions.close()
         await self._reader.close()
         self._connected = False

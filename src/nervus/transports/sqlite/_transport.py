@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from nervus.errors import ConfigurationError, TransportError, TransportUnavailable
-from nervus.sql._sqlite import Connection, Errors, Writer, checkpoint
+from nervus.sql._sqlite import Checkpointer, Connection, Errors, Writer
 from nervus.sql._watch import Changes
 from nervus.transports._contract import (
     Features,
@@ -64,8 +64,8 @@ class SqliteTransport(Transport):
         self.reader = Connection(
             self.path, name="reader", synchronous=sync, busy_timeout=busy, errors=errors
         )
-        self._checkpointer = Connection(
-            self.path, name="checkpoint", synchronous=sync, busy_timeout=busy, errors=errors
+        self._checkpointer = Checkpointer(
+            self.path, interval=settings.checkpoint_interval, busy_timeout=busy, errors=errors
         )
         self.writer = Writer(
             self.path,
@@ -81,7 +81,6 @@ class SqliteTransport(Transport):
         self._closed = False
         self._maintenance: asyncio.Task[None] | None = None
         self._changes = Changes(self.path, poll_interval=settings.poll_interval, busy_timeout=busy)
-        self._checkpoints: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_TRANSPORT") -> SqliteTransport:
@@ -117,7 +116,6 @@ class SqliteTransport(Transport):
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             await self.writer.open()
             await self.reader.open()
-            await self._checkpointer.open()
         except (OSError, sqlite3.Error) as exc:
             await self._close_connections()
             raise TransportUnavailable(f"cannot open the SQLite log {self.path}: {exc}") from exc
@@ -127,7 +125,7 @@ class SqliteTransport(Transport):
             await self._close_connections()
             raise
         self._connected = True
-        self._checkpoints = asyncio.create_task(self._checkpoint_loop())
+        await self._checkpointer.start()
         if self.settings.retention_seconds is not None or self.settings.retention_bytes is not None:
             self._maintenance = asyncio.create_task(self._retention_loop())
 
@@ -139,19 +137,18 @@ class SqliteTransport(Transport):
             with contextlib.suppress(TransportError):
                 await sub.close()
         self._changes.close()
-        for task in (self._maintenance, self._checkpoints):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
         self.notify_local()
         self._connected = False
         await self._close_connections()
 
     async def _close_connections(self) -> None:
         await self.writer.close()  # commits what is queued first
-        for conn in (self.reader, self._checkpointer):
-            await conn.close()
+        await self.reader.close()
+        await self._checkpointer.stop()
 
     @property
     def writer_open(self) -> bool:
@@ -276,14 +273,6 @@ class SqliteTransport(Transport):
                 max_bytes=self.settings.retention_bytes,
             )
         )
-
-    async def _checkpoint_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.settings.checkpoint_interval)
-            try:
-                await self._checkpointer.run(checkpoint)
-            except sqlite3.Error:
-                log.warning("checkpointing the WAL of %s failed", self.path, exc_info=True)
 
     async def _retention_loop(self) -> None:
         while not self._closed:
