@@ -89,6 +89,8 @@ from nervus.storage.postgres._settings import PostgresStoreSettings, split_store
 log = logging.getLogger("nervus.storage.postgres")
 
 
+_DDL_LOCK_WAIT = 200  # ms a connect's table creation waits for one lock
+
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {s};
 CREATE TABLE IF NOT EXISTS {s}.events (
@@ -377,11 +379,7 @@ class PostgresEventStore(EventStore):
                 ),
                 timeout,
             )
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-                await conn.execute(_DDL.format(s=self._schema))
-                await self._check_outbox_layout(conn)
-                await conn.execute(self._outbox.ddl)
+            await self._create_tables(self._pool, time.monotonic() + timeout)
         except BaseException as exc:
             if self._pool is not None:
                 self._pool.terminate()
@@ -392,6 +390,27 @@ class PostgresEventStore(EventStore):
             raise error from exc
         self._changed = asyncio.Event()
         self._connected = True
+
+    async def _create_tables(self, pool: asyncpg.Pool, deadline: float) -> None:
+        """Create the schema's tables, indexes and functions, or bring them up to date.
+
+        Each statement waits at most ``_DDL_LOCK_WAIT`` for a table's lock, then the
+        whole transaction is tried again: waiting longer would hold the locks taken so
+        far while running transactions wait for them and hold the ones it waits for
+        (a deadlock whose victim may be theirs)."""
+        while True:
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+                    await conn.execute(f"SET LOCAL lock_timeout = '{_DDL_LOCK_WAIT}ms'")
+                    await conn.execute(_DDL.format(s=self._schema))
+                    await self._check_outbox_layout(conn)
+                    await conn.execute(self._outbox.ddl)
+                return
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(_DDL_LOCK_WAIT / 1000)
 
     async def close(self) -> None:
         if self._closed:
