@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Run the relays (the store's log and the outbox to the transport) inside each
     service that needs them (``NERVUS_RELAY``); ``0`` when ``nervus relay`` runs them
     as a process of their own."""
+    relay_lease: float = 10.0
+    """Seconds a relay's lease lasts without renewal (``NERVUS_RELAY_LEASE``): how long
+    publishing may stop when the relay holding it dies before another takes over."""
     inbox_retention: float = 7 * 86400.0
     """Seconds a handled message's id stays in the inbox (``NERVUS_INBOX_RETENTION``):
     a redelivery later than that runs its handler again."""
@@ -84,6 +87,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         problems += _at_least(self, "shutdown_timeout", 0.0)
         problems += _at_least(self, "publish_timeout", 0.0)
         problems += _positive(self, "inbox_retention")
+        problems += _positive(self, "relay_lease")
         problems += _at_least(self, "outbox_retention", 0.0)
         if not (
             _finite(self.backoff_jitter) and 0.0 <= self.backoff_jitter <= 1.0

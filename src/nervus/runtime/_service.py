@@ -424,7 +424,10 @@ class Service:
                 await self._sourcing.connect()  # inboxes are read before a handler runs
             if self._uses_outbox():
                 self._outbox_relay = OutboxRelay(
-                    self.store, self._publish, retention=self.settings.outbox_retention
+                    self.store,
+                    self._publish,
+                    retention=self.settings.outbox_retention,
+                    lease_seconds=self.settings.relay_lease,
                 )
                 self._outbox_task = asyncio.create_task(self._outbox_relay.run(), name="outbox")
             for group, registrations in sorted(self._groups.items()):

@@ -184,7 +184,11 @@ class Sourcing:
             await runner.setup()
             self._tasks.append(asyncio.create_task(runner.run(), name=f"projection {runner.name}"))
         if relay:
-            self.relay = Relay(self.store, self._service._publish)
+            self.relay = Relay(
+                self.store,
+                self._service._publish,
+                lease_seconds=self._service.settings.relay_lease,
+            )
             self._tasks.append(asyncio.create_task(self.relay.run(), name="relay"))
 
     async def stop(self) -> None:

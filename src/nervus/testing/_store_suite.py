@@ -310,6 +310,16 @@ class EventStoreConformance:
         assert await store.load_checkpoint("relay") == 43
         assert await store.load_checkpoint("projection") == 7
 
+    async def test_connects_racing_each_other_open_the_store_once(self, store_url: str) -> None:
+        store = store_from_url(store_url)
+        try:
+            await asyncio.gather(*(store.connect() for _ in range(8)))
+            async with store.transaction() as tx:  # a working store: nothing swapped under it
+                await tx.append("raced", events(1), NO_STREAM)
+            assert await store.stream_version("raced") == 1
+        finally:
+            await store.close()
+
     async def test_a_closed_store_refuses_work(self, store_url: str) -> None:
         store = store_from_url(store_url)
         with pytest.raises(StoreError, match="connect"):

@@ -353,6 +353,7 @@ class PostgresEventStore(EventStore):
         self._relay = RelayConnection(dsn, settings.connect_timeout)
         self._connected = False
         self._closed = False
+        self._connecting = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_STORE") -> PostgresEventStore:
@@ -362,6 +363,10 @@ class PostgresEventStore(EventStore):
     # -- connections --------------------------------------------------------------
 
     async def connect(self) -> None:
+        async with self._connecting:  # callers racing to connect: one opens, the others wait
+            await self._connect()
+
+    async def _connect(self) -> None:
         if self._connected:
             return
         if self._closed:

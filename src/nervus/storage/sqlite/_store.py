@@ -12,6 +12,7 @@ subscribers are woken at once by this process's appends and within
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -110,6 +111,7 @@ class SqliteEventStore(EventStore):
             busy_timeout=busy,
             append=_append,
             rows=_rows,
+            errors=_ERRORS,
         )
         self._checkpointer = Checkpointer(
             self.path, interval=settings.checkpoint_interval, busy_timeout=busy, errors=_ERRORS
@@ -124,6 +126,7 @@ class SqliteEventStore(EventStore):
         )
         self._connected = False
         self._closed = False
+        self._connecting = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, key: str = "NERVUS_STORE") -> SqliteEventStore:
@@ -138,6 +141,10 @@ class SqliteEventStore(EventStore):
         return cls(parse_options(url, SqliteStoreSettings, key=key, path=parts.path[1:]))
 
     async def connect(self) -> None:
+        async with self._connecting:  # callers racing to connect: one opens, the others wait
+            await self._connect()
+
+    async def _connect(self) -> None:
         if self._connected:
             return
         if self._closed:

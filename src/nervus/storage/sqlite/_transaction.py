@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 
 from nervus.core import Envelope
 from nervus.errors import StoreError
-from nervus.sql._sqlite import Connection, retry_busy
+from nervus.sql._sqlite import Connection, Errors, retry_busy
 from nervus.storage._contract import AppendResult, StoreTransaction
 from nervus.storage.sqlite import _outbox as outbox
 
@@ -38,7 +38,9 @@ class SqliteTransactions:
         busy_timeout: float,
         append: Callable[..., AppendResult | StoreError],
         rows: Callable[[str, Sequence[Envelope]], list[tuple[object, ...]]],
+        errors: Errors,
     ) -> None:
+        self._errors = errors
         self._conn = connection
         self._busy_timeout = busy_timeout
         self._append = append
@@ -55,7 +57,10 @@ class SqliteTransactions:
     @asynccontextmanager
     async def transaction(self, on_commit: Callable[[], None]) -> AsyncIterator[StoreTransaction]:
         async with self._lock:
-            await self._conn.run(retry_busy, "BEGIN IMMEDIATE", self._busy_timeout)
+            try:
+                await self._conn.run(retry_busy, "BEGIN IMMEDIATE", self._busy_timeout)
+            except sqlite3.Error as exc:
+                raise self._errors.convert(exc, self._conn.path) from exc
             tx = SqliteTransaction(self._conn, self._append, self._rows)
             try:
                 yield tx
