@@ -7,7 +7,7 @@ import threading
 import uuid
 from time import time_ns
 
-_RANDOM_HALVES = 1024  # random halves made from one os.urandom call
+_RANDOM_HALVES = 1024  # random halves made at a time
 _COUNTER_HEX = tuple(f"{n:03x}-" for n in range(0x1000))
 _SET_VARIANT = bytes(0x80 | (n & 0x3F) for n in range(256))  # a byte with its top bits 0b10
 
