@@ -12,6 +12,7 @@ import pytest
 from nervus import Context, Event, Service, Settings
 from nervus.errors import TransportError, TransportUnavailable
 from nervus.runtime._outgoing import encode
+from nervus.storage import store_from_url
 from nervus.transports import Delivery, OutgoingMessage, from_url
 from nervus.transports.memory import MemoryTransport
 
@@ -266,12 +267,14 @@ async def test_handlers_opening_their_first_transactions_at_once(urls: tuple[str
     async def record(event: Transfer, ctx: Context) -> None:
         nonlocal written
         async with ctx.transaction() as tx:
-            await tx.execute(
-                f"CREATE TABLE IF NOT EXISTS {tx.namespace}transfers (transfer_id TEXT)"
-            )
             await tx.execute(f"INSERT INTO {tx.namespace}transfers VALUES (?)", event.transfer_id)
         written += 1
 
+    # the table exists beforehand (through another store object: the service's own
+    # connects on its handlers' first transactions); concurrent CREATE TABLE IF NOT
+    # EXISTS is not safe on PostgreSQL
+    async with store_from_url(store) as other, other.transaction() as tx:
+        await tx.execute(f"CREATE TABLE {tx.namespace}transfers (transfer_id TEXT)")
     async with ledger:
         await ledger.publish_many(
             Transfer(transfer_id=f"t{n}", account=f"a{n}", cents=1) for n in range(40)
