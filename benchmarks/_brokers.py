@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import queue
 import re
 import secrets
@@ -577,16 +576,13 @@ def redact(url: str) -> str:
 def run_broker(args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of one broker; the JSON document ``benchmarks.run`` prints."""
     from benchmarks._event import make_event, to_message
+    from benchmarks._machine import machine
 
     run = BrokerRun(args)
     started = time.monotonic()
     package = RAW_CLIENTS[run.broker][0]
     document: dict[str, Any] = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "settings": {
             "broker": run.broker,
             "url": redact(run.url),

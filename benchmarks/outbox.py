@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
 import sqlite3
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from benchmarks._machine import machine
 from benchmarks._outbox_work import OutboxBench, Timed, timed
 from nervus.errors import NervusError
 
@@ -260,12 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     token = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="nervus-outbox-bench-", dir=args.dir))
     document: dict[str, Any] = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(load_average_1m_at_start=round(os.getloadavg()[0], 2)),
         "settings": settings(args),
     }
     figures: dict[str, Any] = {}

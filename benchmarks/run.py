@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -33,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from benchmarks._brokers import BROKERS, run_broker
+from benchmarks._machine import machine
 from benchmarks._workers import raw_connect
 
 TARGET_EVENTS_PER_S = 25_000
@@ -293,12 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="nervus-bench-", dir=args.dir))
     document: dict[str, Any] = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version,
-        },
+        "machine": machine(sqlite=sqlite3.sqlite_version),
         "settings": {
             "broker": args.broker,
             "journal_mode": "wal",

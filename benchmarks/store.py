@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -34,6 +33,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from benchmarks._machine import machine
 from benchmarks._store_sides import (
     ORDER_EVENTS,
     EventsourcingSide,
@@ -327,12 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     token = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="nervus-store-bench-", dir=args.dir))
     document: dict[str, Any] = {
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(load_average_1m_at_start=round(os.getloadavg()[0], 2)),
         "settings": settings(args),
     }
     rounds: list[dict[str, dict[str, Any]]] = []
