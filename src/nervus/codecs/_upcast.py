@@ -97,10 +97,15 @@ class Upcasters:
         except msgspec.ValidationError as exc:
             raise DecodeError(current, f"upcast from {type_name!r}: {exc}") from exc
 
-    def _decode_typed(self, type_name: str, data: bytes, cls: type[Message]) -> Message:
+    def json_decoder(self, cls: type[Message]) -> msgspec.json.Decoder[Any]:
+        """The JSON decoder of ``cls``, made once."""
         decoder = self._decoders.get(cls)
         if decoder is None:
             decoder = self._decoders[cls] = msgspec.json.Decoder(cls)
+        return decoder
+
+    def _decode_typed(self, type_name: str, data: bytes, cls: type[Message]) -> Message:
+        decoder = self.json_decoder(cls)
         try:
             event: Message = decoder.decode(data)
         except msgspec.DecodeError as exc:

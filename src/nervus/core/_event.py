@@ -125,8 +125,11 @@ class TypeRegistry:
 
     def __init__(self) -> None:
         self._by_name: dict[str, type[Message]] = {}
+        self.generation = 0
+        """Counts registrations: a cache of lookups is valid while it is unchanged."""
 
     def register(self, cls: type[Message]) -> None:
+        self.generation += 1
         name = cls.__message_type__
         known = self._by_name.get(name)
         if known is not None and known is not cls:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import msgspec
+
 from nervus.codecs import UPCASTERS, Upcasters
 from nervus.core import REGISTRY, Message, TypeRegistry
 from nervus.errors import DecodeError, UnknownEventType
@@ -17,8 +21,28 @@ class EventDecoder:
     def __init__(self, registry: TypeRegistry = REGISTRY, upcasters: Upcasters = UPCASTERS) -> None:
         self.registry = registry
         self.upcasters = upcasters
+        # type name -> its class's JSON decoder, for types a class declares (those
+        # are never upcast); valid while the registry is unchanged
+        self._direct: dict[str, Callable[[bytes], Message]] = {}
+        self._generation = registry.generation
 
     def decode(self, recorded: RecordedEvent) -> Message:
+        direct = self._direct.get(recorded.type)
+        if (
+            direct is not None
+            and recorded.datacontenttype == _JSON
+            and self._generation == self.registry.generation
+        ):
+            try:
+                return direct(recorded.data)
+            except msgspec.DecodeError:
+                pass  # the full path below names what is wrong
+        return self._decode(recorded)
+
+    def _decode(self, recorded: RecordedEvent) -> Message:
+        if self._generation != self.registry.generation:
+            self._direct.clear()
+            self._generation = self.registry.generation
         if recorded.datacontenttype != _JSON:
             raise DecodeError(
                 recorded.type,
@@ -26,6 +50,9 @@ class EventDecoder:
                 stream_id=recorded.stream_id,
                 version=recorded.version,
             )
+        cls = self.registry.get(recorded.type)
+        if cls is not None:
+            self._direct[recorded.type] = self.upcasters.json_decoder(cls).decode
         try:
             return self.upcasters.decode(recorded.type, recorded.data, self.registry)
         except UnknownEventType as exc:

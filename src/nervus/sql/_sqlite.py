@@ -271,6 +271,7 @@ class Writer:
         busy_timeout: float,
         on_commit: Callable[[], None],
         errors: Errors,
+        on_loop: bool = True,
     ) -> None:
         self.path = path
         self._errors = errors
@@ -281,6 +282,12 @@ class Writer:
         self._wakeup = threading.Condition(self._lock)
         self._queue: list[tuple[Operation, asyncio.Future[Any]]] = []
         self._relaxed_queued = 0  # queued operations that need no fsync of their own
+        self._busy = False  # a batch is running (on the thread, or on the loop)
+        self._flush_scheduled = False
+        self._on_loop = on_loop
+        self._conn: sqlite3.Connection | None = None
+        self._sync_configured = synchronous.upper()
+        self._sync_current = self._sync_configured
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -317,13 +324,72 @@ class Writer:
         """
         if not self.running:
             raise self._errors.unavailable(f"the SQLite writer of {self.path} is not running")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         with self._lock:
             self._queue.append((op, fut))
             if not durable:
                 self._relaxed_queued += 1
-            self._wakeup.notify()
+            if not self._on_loop:
+                self._wakeup.notify()
+            elif not self._flush_scheduled and not self._busy:
+                # decide once every caller of this turn of the loop has queued
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         return await fut
+
+    def _flush(self) -> None:
+        """Hand what is queued to the thread, or, when it is one operation, the thread
+        is idle and the event loop has nothing else to run, run it here: a thread
+        round trip costs more than a lone transaction's own work."""
+        with self._lock:
+            self._flush_scheduled = False
+            if self._busy or not self._queue:
+                return
+            ready = getattr(self._loop, "_ready", None)  # asyncio's own loops
+            if len(self._queue) != 1 or ready is None or ready or self._conn is None:
+                self._wakeup.notify()
+                return
+            batch, self._queue = self._queue, []
+            relaxed = self._relaxed_queued == 1
+            self._relaxed_queued = 0
+            self._busy = True
+        results: list[object] | BaseException
+        try:
+            results = self._run(batch, relaxed, busy_timeout=0.0)
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                results = exc
+            else:  # another process writes: the thread waits for it, not the loop
+                with self._lock:
+                    self._busy = False
+                    self._queue[:0] = batch
+                    self._relaxed_queued += int(relaxed)
+                    self._wakeup.notify()
+                return
+        except Exception as exc:
+            results = exc
+        with self._lock:
+            self._busy = False
+            if self._queue:
+                self._wakeup.notify()
+        self._settle(batch, results)
+
+    def _run(
+        self,
+        batch: list[tuple[Operation, asyncio.Future[Any]]],
+        relaxed: bool,
+        *,
+        busy_timeout: float,
+    ) -> list[object]:
+        conn = self._conn
+        assert conn is not None
+        configured = self._sync_configured
+        wanted = "NORMAL" if relaxed and configured == "FULL" else configured
+        if wanted != self._sync_current:
+            conn.execute(f"PRAGMA synchronous={wanted}")
+            self._sync_current = wanted
+        return _run_batch(conn, [op for op, _ in batch], busy_timeout)
 
     async def close(self) -> None:
         """Commit what is queued, then stop the thread and close its connection."""
@@ -349,31 +415,30 @@ class Writer:
         except BaseException as exc:
             loop.call_soon_threadsafe(_resolve, opened, exc)
             return
+        self._conn = conn
         loop.call_soon_threadsafe(_resolve, opened, None)
-        configured = self._synchronous.upper()
-        current = configured
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self._stopping:
+                    while (self._busy or not self._queue) and not self._stopping:
                         self._wakeup.wait()
                     if not self._queue:
                         break
                     batch, self._queue = self._queue, []
                     relaxed = self._relaxed_queued == len(batch)
                     self._relaxed_queued = 0
-                wanted = "NORMAL" if relaxed and configured == "FULL" else configured
-                if wanted != current:
-                    conn.execute(f"PRAGMA synchronous={wanted}")
-                    current = wanted
+                    self._busy = True
                 try:
-                    results: list[object] | BaseException = _run_batch(
-                        conn, [op for op, _ in batch], self._busy_timeout
+                    results: list[object] | BaseException = self._run(
+                        batch, relaxed, busy_timeout=self._busy_timeout
                     )
                 except Exception as exc:
                     results = exc
+                with self._lock:
+                    self._busy = False
                 loop.call_soon_threadsafe(self._settle, batch, results)
         finally:
+            self._conn = None
             conn.close()
             loop.call_soon_threadsafe(_resolve, self._stopped, None)
 

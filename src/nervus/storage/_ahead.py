@@ -1,9 +1,10 @@
 """Reading the next page of a subscription while the subscriber handles this one.
 
 A subscriber that got a full batch probably has more to read (it is catching up):
-its store starts reading the next batch at once, so the database work (on the
-reading thread, or on the server) overlaps the subscriber's own, and the batch is
-often there when it asks. A batch that was not full starts nothing: at the head
+the PostgreSQL store starts reading the next batch at once, so the server's work
+overlaps the subscriber's own, and the batch is often there when it asks (the
+SQLite store does not: its reading thread would compete with the subscriber for
+the GIL). A batch that was not full starts nothing: at the head
 of the log, a subscriber waits for new events as before.
 """
 

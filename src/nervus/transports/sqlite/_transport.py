@@ -73,6 +73,7 @@ class SqliteTransport(Transport):
             busy_timeout=busy,
             on_commit=self.notify_local,
             errors=errors,
+            on_loop=settings.commit_on_loop,
         )
         self._channels: dict[str, tuple[int, int]] = {}
         self._round_robin: dict[str, int] = {}

@@ -1,0 +1,175 @@
+"""The group-committing SQLite writer: where a write runs, and what it shares."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from nervus.errors import StoreError, StoreUnavailable
+from nervus.sql._sqlite import Errors, Writer
+
+ERRORS = Errors(StoreUnavailable, StoreError)
+
+
+def _writer(path: Path, *, on_loop: bool = True, busy_timeout: float = 5.0) -> Writer:
+    return Writer(
+        str(path),
+        synchronous="full",
+        busy_timeout=busy_timeout,
+        on_commit=lambda: None,
+        errors=ERRORS,
+        on_loop=on_loop,
+    )
+
+
+def _insert(value: int):
+    def op(conn: sqlite3.Connection) -> str:
+        conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+        return threading.current_thread().name
+
+    return op
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+
+
+def _values(path: Path) -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        return sorted(v for (v,) in conn.execute("SELECT v FROM t"))
+    finally:
+        conn.close()
+
+
+async def test_a_lone_write_on_an_idle_loop_commits_on_the_loops_thread(tmp_path: Path) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        ran_on = await writer.submit(_insert(1))
+    finally:
+        await writer.close()
+    assert ran_on == threading.current_thread().name
+    assert _values(tmp_path / "w.db") == [1]
+
+
+async def test_commit_on_loop_off_keeps_every_write_on_the_writer_thread(tmp_path: Path) -> None:
+    writer = _writer(tmp_path / "w.db", on_loop=False)
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        ran_on = await writer.submit(_insert(1))
+    finally:
+        await writer.close()
+    assert ran_on == "nervus-sqlite-writer"
+
+
+async def test_writes_of_one_turn_share_a_transaction_on_the_writer_thread(
+    tmp_path: Path,
+) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        before = writer.transactions
+        ran_on = await asyncio.gather(*(writer.submit(_insert(n)) for n in range(50)))
+        transactions = writer.transactions - before
+    finally:
+        await writer.close()
+    assert set(ran_on) == {"nervus-sqlite-writer"}
+    assert transactions == 1
+    assert _values(tmp_path / "w.db") == list(range(50))
+
+
+async def test_a_lone_write_is_not_run_on_the_loop_while_other_work_is_ready(
+    tmp_path: Path,
+) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        loop = asyncio.get_running_loop()
+        # a callback ready in the same turn: the loop has other work to do
+        loop.call_soon(lambda: loop.call_soon(lambda: None))
+        ran_on = await writer.submit(_insert(1))
+    finally:
+        await writer.close()
+    assert ran_on == "nervus-sqlite-writer"
+
+
+async def test_a_write_waiting_for_another_process_does_not_hold_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.db"
+    writer = _writer(path)
+    await writer.open()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        await writer.submit(_create)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        pending = asyncio.ensure_future(writer.submit(_insert(7)))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the write waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not pending.done()
+        other.execute("COMMIT")
+        ran_on = await asyncio.wait_for(pending, 5)
+    finally:
+        other.close()
+        await writer.close()
+    assert ticks == 20
+    assert ran_on == "nervus-sqlite-writer"
+    assert _values(path) == [7]
+
+
+async def test_a_failing_lone_write_raises_to_its_caller_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    try:
+        await writer.submit(_create)
+
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t (v) VALUES (1)")
+            conn.execute("INSERT INTO missing_table VALUES (1)")
+
+        with pytest.raises(StoreError, match="missing_table"):
+            await writer.submit(broken)
+        await writer.submit(_insert(2))
+    finally:
+        await writer.close()
+    assert _values(tmp_path / "w.db") == [2]  # the failed write left nothing
+
+
+async def test_writes_queued_while_the_thread_commits_go_in_its_next_transaction(
+    tmp_path: Path,
+) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    release = threading.Event()
+    try:
+        await writer.submit(_create)
+
+        def slow(conn: sqlite3.Connection) -> str:
+            release.wait(5)
+            return _insert(0)(conn)
+
+        first = asyncio.gather(writer.submit(slow), writer.submit(_insert(1)))
+        await asyncio.sleep(0.05)  # the thread runs the first two
+        later = asyncio.ensure_future(writer.submit(_insert(2)))  # queued meanwhile
+        await asyncio.sleep(0.05)
+        assert not later.done()
+        release.set()
+        await first
+        ran_on = await later
+    finally:
+        await writer.close()
+    assert ran_on == "nervus-sqlite-writer"
+    assert _values(tmp_path / "w.db") == [0, 1, 2]
