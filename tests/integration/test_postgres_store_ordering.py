@@ -173,6 +173,8 @@ async def test_bad_url_and_unreachable_server_fail_clearly(postgres_url: str) ->
         store_from_url(f"{postgres_url}?schema=Bad-Name")
     with pytest.raises(ConfigurationError, match="pool_size"):
         store_from_url(f"{postgres_url}?pool_size=0")
+    with pytest.raises(ConfigurationError, match="wake_interval"):
+        store_from_url(f"{postgres_url}?wake_interval=5")
     store = store_from_url("postgresql://nervus:secret@127.0.0.1:1/nervus?connect_timeout=2")
     with pytest.raises(StoreUnavailable) as caught:
         await store.connect()

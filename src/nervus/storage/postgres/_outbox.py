@@ -3,8 +3,11 @@
 The outbox's ids come from an identity column: enqueue order, not commit order,
 so the relay reads what is unsent (a partial index keeps that a short scan), never
 what lies past a position, and a row committed late is published late rather than
-skipped. A transaction's first enqueue sends ``NOTIFY`` on the schema's channel
-in the same statement (delivered at commit), so a waiting relay looks at once.
+skipped. After a transaction that enqueued commits, a relay of the same process is
+woken at once, and those of other processes by a ``NOTIFY`` on the schema's channel
+sent outside the transaction, at most every ``wake_interval`` for all the commits
+meanwhile (a ``NOTIFY`` in the transaction would make commits wait for each other
+on the server's notification lock).
 
 The relay's reads and marks run on a connection of their own (``RelayConnection``):
 they never queue behind the transactions that hold the pool's connections, which

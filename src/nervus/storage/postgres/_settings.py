@@ -34,6 +34,10 @@ class PostgresStoreSettings(msgspec.Struct, kw_only=True):
     the outbox table out as Debezium's outbox event router reads it (``id``,
     ``aggregatetype`` = the channel, ``aggregateid`` = the key, ``type``, ``payload``,
     plus ``headers``), for teams that publish it with Debezium CDC.
+    ``wake_interval`` is the least time between two ``NOTIFY`` by which a process
+    wakes the outbox relays of other processes after its commits (a relay in the
+    same process is woken at once); every ``NOTIFY`` takes the server's one
+    notification lock as it commits, so one covers the commits of the interval.
     """
 
     schema: str = "nervus"
@@ -41,6 +45,7 @@ class PostgresStoreSettings(msgspec.Struct, kw_only=True):
     pool_size: int = 4
     poll_interval: float = 1.0
     connect_timeout: float = 10.0
+    wake_interval: float = 0.01
 
     @property
     def notify_channel(self) -> str:
@@ -58,6 +63,8 @@ class PostgresStoreSettings(msgspec.Struct, kw_only=True):
         for name in ("poll_interval", "connect_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
+        if not 0 <= self.wake_interval <= 1:
+            problems.append(f"wake_interval={self.wake_interval} must be between 0 and 1 (s)")
         return problems
 
 

@@ -603,6 +603,8 @@ class PostgresEventStore(EventStore):
             self._telling = asyncio.create_task(self._notify_relays())
 
     async def _notify_relays(self) -> None:
+        # A NOTIFY takes the server's one notification lock as it commits, so it is
+        # sent at most every ``wake_interval``, for all the commits meanwhile.
         while self._relays_to_tell and not self._closed:
             self._relays_to_tell = False
             try:
@@ -613,6 +615,8 @@ class PostgresEventStore(EventStore):
                 )
             except Exception as exc:  # they look again within their poll interval anyway
                 log.debug("could not wake the outbox relays of %s: %s", self.url, exc)
+            if self.settings.wake_interval > 0:
+                await asyncio.sleep(self.settings.wake_interval)
 
     async def _check_outbox_layout(self, conn: _Conn) -> None:
         found = await conn.fetchval(
