@@ -111,11 +111,13 @@ class SqliteEventStore(EventStore):
                 synchronous=sync,
                 busy_timeout=busy,
                 errors=_ERRORS,
+                waits=False,
             ),
             busy_timeout=busy,
             append=_append,
             rows=_rows,
             errors=_ERRORS,
+            commit_on_loop=settings.commit_on_loop,
         )
         self._checkpointer = Checkpointer(
             self.path, interval=settings.checkpoint_interval, busy_timeout=busy, errors=_ERRORS
@@ -228,20 +230,20 @@ class SqliteEventStore(EventStore):
                 f"SELECT {COLUMNS} FROM nervus_events WHERE stream_id = ? AND version >= ? "
                 "ORDER BY version LIMIT ?"
             )
-        return await self._reader.run(_select, sql, (stream_id, start, _limit(limit)))
+        return await self._reader.read(_select, sql, (stream_id, start, _limit(limit)))
 
     async def stream_version(self, stream_id: str) -> int:
         self._check()
-        return await self._reader.run(_stream_version, stream_id)
+        return await self._reader.read(_stream_version, stream_id)
 
     async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         self._check()
         sql = f"SELECT {COLUMNS} FROM nervus_events WHERE position > ? ORDER BY position LIMIT ?"
-        return await self._reader.run(_select, sql, (after, _limit(limit)))
+        return await self._reader.read(_select, sql, (after, _limit(limit)))
 
     async def head(self) -> int:
         self._check()
-        return await self._reader.run(_head)
+        return await self._reader.read(_head)
 
     async def subscribe(
         self, after: int = 0, *, batch: int = 1000
@@ -267,7 +269,7 @@ class SqliteEventStore(EventStore):
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         self._check()
-        return await self._reader.run(_load_snapshot, stream_id)
+        return await self._reader.read(_load_snapshot, stream_id)
 
     async def save_checkpoint(self, name: str, position: int) -> None:
         self._check()
@@ -275,17 +277,17 @@ class SqliteEventStore(EventStore):
 
     async def load_checkpoint(self, name: str) -> int:
         self._check()
-        return await self._reader.run(_load_checkpoint, name)
+        return await self._reader.read(_load_checkpoint, name)
 
     async def list_checkpoints(self, prefix: str = "") -> dict[str, int]:
         self._check()
-        return await self._reader.run(_list_checkpoints, prefix)
+        return await self._reader.read(_list_checkpoints, prefix)
 
     # -- the outbox and the inbox ----------------------------------------------------
 
     async def outbox_batch(self, limit: int = 500) -> list[OutboxMessage]:
         self._check()
-        return await self._reader.run(outbox.batch, _limit(limit))
+        return await self._reader.read(outbox.batch, _limit(limit))
 
     async def outbox_sent(self, ids: Sequence[int], *, at: float) -> None:
         self._check()
@@ -298,7 +300,7 @@ class SqliteEventStore(EventStore):
 
     async def outbox_counts(self) -> tuple[int, int]:
         self._check()
-        return await self._reader.run(outbox.counts)
+        return await self._reader.read(outbox.counts)
 
     async def outbox_reject(self, message: OutboxMessage, reason: str, *, at: float) -> None:
         self._check()
@@ -306,11 +308,11 @@ class SqliteEventStore(EventStore):
 
     async def outbox_dead_letters(self, limit: int = 100) -> list[tuple[OutboxMessage, str]]:
         self._check()
-        return await self._reader.run(outbox.dead_letters, _limit(limit))
+        return await self._reader.read(outbox.dead_letters, _limit(limit))
 
     async def handled(self, group: str, message_id: str) -> bool:
         self._check()
-        return await self._reader.run(outbox.handled, group, message_id)
+        return await self._reader.read(outbox.handled, group, message_id)
 
     async def inbox_purge(self, before: float) -> int:
         self._check()

@@ -6,11 +6,14 @@ service's own writes) needs a connection of its own, held from ``BEGIN IMMEDIATE
 to ``COMMIT``. SQLite writes one transaction at a time, so meanwhile every other
 write to the file waits (up to ``busy_timeout``): keep them short.
 
-``BEGIN IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (which waits
-for the fsync) run on the connection's thread; the statements in between run on
-the event loop's thread, at once. Each takes microseconds, and a hop to another
-thread per statement would hold the write lock, and every other writer, for as
-long as the busy event loop takes to come back to the transaction.
+The statements run on the event loop's thread, at once. Each takes microseconds,
+and a hop to another thread per statement would hold the write lock, and every
+other writer, for as long as the busy event loop takes to come back to the
+transaction. ``BEGIN IMMEDIATE`` is tried there too, giving up at once if another
+connection writes: then it waits on the connection's thread. ``COMMIT`` runs there
+when it needs no fsync (``synchronous`` other than ``full``), or when the event
+loop has nothing else to run (``commit_on_loop``); otherwise on the connection's
+thread, so the loop goes on while the fsync waits.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from contextlib import asynccontextmanager
 
 from nervus.core import Envelope
 from nervus.errors import StoreError
-from nervus.sql._sqlite import Connection, Errors, retry_busy
+from nervus.sql._sqlite import Connection, Errors, is_busy, loop_is_idle, retry_busy
 from nervus.storage._contract import AppendResult, StoreTransaction
 from nervus.storage.sqlite import _outbox as outbox
 
@@ -39,10 +42,12 @@ class SqliteTransactions:
         append: Callable[..., AppendResult | StoreError],
         rows: Callable[[str, Sequence[Envelope]], list[tuple[object, ...]]],
         errors: Errors,
+        commit_on_loop: bool = True,
     ) -> None:
         self._errors = errors
-        self._conn = connection
+        self._conn = connection  # opened without a busy handler (``waits=False``)
         self._busy_timeout = busy_timeout
+        self._commit_on_loop = commit_on_loop
         self._append = append
         self._rows = rows
         self._lock = asyncio.Lock()
@@ -58,18 +63,39 @@ class SqliteTransactions:
     async def transaction(self, on_commit: Callable[[], None]) -> AsyncIterator[StoreTransaction]:
         async with self._lock:
             try:
-                await self._conn.run(retry_busy, "BEGIN IMMEDIATE", self._busy_timeout)
+                await self._begin()
             except sqlite3.Error as exc:
                 raise self._errors.convert(exc, self._conn.path) from exc
             tx = SqliteTransaction(self._conn, self._append, self._rows)
             try:
                 yield tx
             except BaseException:
-                await self._conn.run(_rollback)
+                _rollback(self._conn.raw)
                 raise
-            await self._conn.run(_commit)
+            await self._commit()
             if tx.changed:
                 on_commit()
+
+    async def _begin(self) -> None:
+        try:
+            self._conn.raw.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            await self._conn.run(retry_busy, "BEGIN IMMEDIATE", self._busy_timeout)
+
+    async def _commit(self) -> None:
+        conn = self._conn
+        try:
+            if conn.synchronous != "FULL" or (
+                self._commit_on_loop and loop_is_idle(asyncio.get_running_loop())
+            ):
+                _commit(conn.raw)
+            else:
+                await conn.run(_commit)
+        except BaseException:
+            _rollback(conn.raw)  # a commit that failed leaves the transaction open
+            raise
 
 
 class SqliteTransaction(StoreTransaction):

@@ -105,7 +105,7 @@ class SqliteSubscription(Subscription):
         owned = owned[self._rotation :] + owned[: self._rotation]
         now = time.time()
         retries = self._retry_due is not None and self._retry_due <= now
-        result = await self._transport.reader.run(
+        result = await self._transport.reader.read(
             poll,
             self.group,
             owned,
@@ -251,7 +251,7 @@ class SqliteSubscription(Subscription):
             if self._closed:
                 break
             try:
-                generation = await reader.run(_membership.read_generation, self.group)
+                generation = await reader.read(_membership.read_generation, self.group)
                 if generation != self._generation or time.monotonic() >= next_renewal:
                     waiting = await self._renew()
                     next_renewal = time.monotonic() + (check * 3 if waiting else heartbeat)

@@ -1,4 +1,4 @@
-"""The group-committing SQLite writer: where a write runs, and what it shares."""
+"""SQLite plumbing: where reads, writes and transactions run, and what they share."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from nervus.core import Envelope
 from nervus.errors import StoreError, StoreUnavailable
-from nervus.sql._sqlite import Errors, Writer
+from nervus.sql._sqlite import Connection, Errors, Writer
+from nervus.storage import NO_STREAM, store_from_url
 
 ERRORS = Errors(StoreUnavailable, StoreError)
 
@@ -173,3 +175,75 @@ async def test_writes_queued_while_the_thread_commits_go_in_its_next_transaction
         await writer.close()
     assert ran_on == "nervus-sqlite-writer"
     assert _values(tmp_path / "w.db") == [0, 1, 2]
+
+
+async def test_writes_that_need_no_fsync_run_on_the_loop_even_together(tmp_path: Path) -> None:
+    writer = _writer(tmp_path / "w.db")
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        ran_on = await asyncio.gather(
+            *(writer.submit(_insert(n), durable=False) for n in range(20))
+        )
+    finally:
+        await writer.close()
+    assert set(ran_on) == {threading.current_thread().name}
+    assert _values(tmp_path / "w.db") == list(range(20))
+
+
+async def test_a_read_runs_on_the_callers_thread_unless_the_connection_is_busy(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.db"
+    sqlite3.connect(path).close()
+    conn = Connection(str(path), name="test", synchronous="full", busy_timeout=5, errors=ERRORS)
+    await conn.open()
+    release = threading.Event()
+
+    def where(_: sqlite3.Connection) -> str:
+        return threading.current_thread().name
+
+    def hold(_: sqlite3.Connection) -> None:
+        release.wait(5)
+
+    try:
+        assert await conn.read(where) == threading.current_thread().name
+        holding = asyncio.ensure_future(conn.run(hold))
+        await asyncio.sleep(0.05)
+        reading = asyncio.ensure_future(conn.read(where))
+        await asyncio.sleep(0.05)
+        assert not reading.done()  # waits for the thread, never uses it alongside
+        release.set()
+        await holding
+        assert (await reading).startswith("nervus-sqlite-test")
+    finally:
+        release.set()
+        await conn.close()
+
+
+async def test_a_store_transaction_waiting_for_another_writer_leaves_the_loop_free(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    store = store_from_url(f"sqlite:///{path}")
+    await store.connect()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's writer holds the lock
+
+        async def write() -> None:
+            async with store.transaction() as tx:
+                await tx.append("s-1", [Envelope.new(type="t", source="s", data=b"{}")], NO_STREAM)
+
+        pending = asyncio.ensure_future(write())
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not pending.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(pending, 5)
+        assert await store.stream_version("s-1") == 1
+    finally:
+        other.close()
+        await store.close()
