@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +19,23 @@ from nervus.storage import NO_STREAM, store_from_url
 ERRORS = Errors(StoreUnavailable, StoreError)
 
 
-def _writer(path: Path, *, on_loop: bool = True, busy_timeout: float = 5.0) -> Writer:
-    return Writer(
+@contextlib.asynccontextmanager
+async def _opened(path: Path, *, on_loop: bool = True) -> AsyncIterator[Writer]:
+    """A running writer on ``path`` whose table ``t`` exists."""
+    writer = Writer(
         str(path),
         synchronous="full",
-        busy_timeout=busy_timeout,
+        busy_timeout=5.0,
         on_commit=lambda: None,
         errors=ERRORS,
         on_loop=on_loop,
     )
+    await writer.open()
+    try:
+        await writer.submit(_create)
+        yield writer
+    finally:
+        await writer.close()
 
 
 def _insert(value: int):
@@ -49,40 +59,25 @@ def _values(path: Path) -> list[int]:
 
 
 async def test_a_lone_write_on_an_idle_loop_commits_on_the_loops_thread(tmp_path: Path) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
         ran_on = await writer.submit(_insert(1))
-    finally:
-        await writer.close()
     assert ran_on == threading.current_thread().name
     assert _values(tmp_path / "w.db") == [1]
 
 
 async def test_commit_on_loop_off_keeps_every_write_on_the_writer_thread(tmp_path: Path) -> None:
-    writer = _writer(tmp_path / "w.db", on_loop=False)
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db", on_loop=False) as writer:
         ran_on = await writer.submit(_insert(1))
-    finally:
-        await writer.close()
     assert ran_on == "nervus-sqlite-writer"
 
 
 async def test_writes_of_one_turn_share_a_transaction_on_the_writer_thread(
     tmp_path: Path,
 ) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
         before = writer.transactions
         ran_on = await asyncio.gather(*(writer.submit(_insert(n)) for n in range(50)))
         transactions = writer.transactions - before
-    finally:
-        await writer.close()
     assert set(ran_on) == {"nervus-sqlite-writer"}
     assert transactions == 1
     assert _values(tmp_path / "w.db") == list(range(50))
@@ -91,16 +86,11 @@ async def test_writes_of_one_turn_share_a_transaction_on_the_writer_thread(
 async def test_a_lone_write_is_not_run_on_the_loop_while_other_work_is_ready(
     tmp_path: Path,
 ) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
         loop = asyncio.get_running_loop()
         # a callback ready in the same turn: the loop has other work to do
         loop.call_soon(lambda: loop.call_soon(lambda: None))
         ran_on = await writer.submit(_insert(1))
-    finally:
-        await writer.close()
     assert ran_on == "nervus-sqlite-writer"
 
 
@@ -108,23 +98,20 @@ async def test_a_write_waiting_for_another_process_does_not_hold_the_loop(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "w.db"
-    writer = _writer(path)
-    await writer.open()
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        await writer.submit(_create)
-        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
-        pending = asyncio.ensure_future(writer.submit(_insert(7)))
-        ticks = 0
-        for _ in range(20):  # the loop keeps running while the write waits
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert not pending.done()
-        other.execute("COMMIT")
-        ran_on = await asyncio.wait_for(pending, 5)
-    finally:
-        other.close()
-        await writer.close()
+    async with _opened(path) as writer:
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            pending = asyncio.ensure_future(writer.submit(_insert(7)))
+            ticks = 0
+            for _ in range(20):  # the loop keeps running while the write waits
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not pending.done()
+            other.execute("COMMIT")
+            ran_on = await asyncio.wait_for(pending, 5)
+        finally:
+            other.close()
     assert ticks == 20
     assert ran_on == "nervus-sqlite-writer"
     assert _values(path) == [7]
@@ -133,10 +120,7 @@ async def test_a_write_waiting_for_another_process_does_not_hold_the_loop(
 async def test_a_failing_lone_write_raises_to_its_caller_and_the_writer_goes_on(
     tmp_path: Path,
 ) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
 
         def broken(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO t (v) VALUES (1)")
@@ -145,19 +129,14 @@ async def test_a_failing_lone_write_raises_to_its_caller_and_the_writer_goes_on(
         with pytest.raises(StoreError, match="missing_table"):
             await writer.submit(broken)
         await writer.submit(_insert(2))
-    finally:
-        await writer.close()
     assert _values(tmp_path / "w.db") == [2]  # the failed write left nothing
 
 
 async def test_writes_queued_while_the_thread_commits_go_in_its_next_transaction(
     tmp_path: Path,
 ) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
     release = threading.Event()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
 
         def slow(conn: sqlite3.Connection) -> str:
             release.wait(5)
@@ -171,22 +150,15 @@ async def test_writes_queued_while_the_thread_commits_go_in_its_next_transaction
         release.set()
         await first
         ran_on = await later
-    finally:
-        await writer.close()
     assert ran_on == "nervus-sqlite-writer"
     assert _values(tmp_path / "w.db") == [0, 1, 2]
 
 
 async def test_writes_that_need_no_fsync_run_on_the_loop_even_together(tmp_path: Path) -> None:
-    writer = _writer(tmp_path / "w.db")
-    await writer.open()
-    try:
-        await writer.submit(_create)
+    async with _opened(tmp_path / "w.db") as writer:
         ran_on = await asyncio.gather(
             *(writer.submit(_insert(n), durable=False) for n in range(20))
         )
-    finally:
-        await writer.close()
     assert set(ran_on) == {threading.current_thread().name}
     assert _values(tmp_path / "w.db") == list(range(20))
 
