@@ -376,6 +376,14 @@ def _append(
     """Append in the writer's transaction. A refusal decided before writing is
     returned, not raised, so the other appends of the transaction stand; a failure
     while inserting is raised (the writer then commits the others without it)."""
+    if expected == 0 and len(rows) == 1:
+        # A new stream's one event needs no look first: the unique (stream, version)
+        # and id refuse it if the stream exists or the id is stored, and then the
+        # look below tells which (a refused INSERT leaves the transaction as it was).
+        with contextlib.suppress(sqlite3.IntegrityError):
+            first = conn.execute(INSERT, (stream_id, 1, *rows[0][2:])).lastrowid
+            assert first is not None  # set by every INSERT into a rowid table
+            return AppendResult(stream_id, 1, first)
     version, stored_at = conn.execute(_LOOKUP, (stream_id, rows[0][2])).fetchone()
     if stored_at is not None:
         stored = conn.execute(
