@@ -21,56 +21,31 @@ does, so delivery tags follow the order in which messages reach the broker.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Mapping
 
 import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractChannel
-from pamqp.encode import encode_table_value
 
-_FRAME = struct.Struct(">BHI")  # type, channel, payload size
-_CONTENT_HEADER = struct.Struct(">HHQH")  # class, weight, body size, property flags
-_LONG = struct.Struct(">I")
-_LONG_LONG = struct.Struct(">q")
-_FRAME_END = b"\xce"
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_BASIC = 60
+from nervus.transports.rabbitmq._amqp import (
+    BASIC,
+    BODY,
+    CONTENT_HEADER,
+    CONTENT_TYPE,
+    DELIVERY_MODE,
+    FRAME,
+    FRAME_END,
+    HEADER,
+    HEADERS,
+    MESSAGE_ID,
+    METHOD,
+    field_table,
+    short_string,
+)
+
 _BASIC_PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # class 60, method 40, reserved ticket 0
 _NOT_MANDATORY = b"\x00"  # neither mandatory nor immediate
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
 _PERSISTENT = b"\x02"
-MAX_FIELD_NAME = 128
-
-
-def short_string(text: str, what: str) -> bytes:
-    """``text`` as an AMQP short string; ``ValueError`` naming ``what`` if over 255 bytes."""
-    data = text.encode()
-    if len(data) > 255:
-        raise ValueError(f"{what} {text[:60]!r}... is longer than AMQP's 255 bytes")
-    return bytes((len(data),)) + data
-
-
-def field_table(headers: Mapping[str, object]) -> bytes:
-    """``headers`` as an AMQP field table: strings as long strings, integers as
-    signed 64-bit values, anything else as pamqp encodes it."""
-    parts: list[bytes] = []
-    append = parts.append
-    for name, value in headers.items():
-        key = name.encode()
-        if len(key) > MAX_FIELD_NAME:
-            raise ValueError(
-                f"header name {name[:60]!r}... is longer than AMQP's {MAX_FIELD_NAME} bytes"
-            )
-        if type(value) is str:
-            data = value.encode()
-            append(bytes((len(key),)) + key + b"S" + _LONG.pack(len(data)) + data)
-        elif type(value) is int:
-            append(bytes((len(key),)) + key + b"l" + _LONG_LONG.pack(value))
-        else:
-            append(bytes((len(key),)) + key + encode_table_value(value))  # type: ignore[arg-type]
-    table = b"".join(parts)
-    return _LONG.pack(len(table)) + table
 
 
 class Publisher:
@@ -105,33 +80,33 @@ class Publisher:
     ) -> bytes:
         """The frames of one persistent message; ``message_id`` and ``content_type``
         become properties when they fit in a short string."""
-        frame, number = _FRAME.pack, self._number
+        frame, number = FRAME.pack, self._number
         method = target + short_string(routing_key, "routing key") + _NOT_MANDATORY
-        flags = _HEADERS | _DELIVERY_MODE
+        flags = HEADERS | DELIVERY_MODE
         properties = field_table(headers) + _PERSISTENT
         if content_type is not None:
             data = content_type.encode()
             if len(data) <= 255:
-                flags |= _CONTENT_TYPE
+                flags |= CONTENT_TYPE
                 properties = bytes((len(data),)) + data + properties
         if message_id is not None:
             data = message_id.encode()
             if len(data) <= 255:
-                flags |= _MESSAGE_ID
+                flags |= MESSAGE_ID
                 properties += bytes((len(data),)) + data
-        header = _CONTENT_HEADER.pack(_BASIC, 0, len(body), flags) + properties
+        header = CONTENT_HEADER.pack(BASIC, 0, len(body), flags) + properties
         parts = [
-            frame(_METHOD, number, len(method)),
+            frame(METHOD, number, len(method)),
             method,
-            _FRAME_END,
-            frame(_HEADER, number, len(header)),
+            FRAME_END,
+            frame(HEADER, number, len(header)),
             header,
-            _FRAME_END,
+            FRAME_END,
         ]
         step = self._max_body
         for start in range(0, len(body), step):
             chunk = body[start : start + step]
-            parts += (frame(_BODY, number, len(chunk)), chunk, _FRAME_END)
+            parts += (frame(BODY, number, len(chunk)), chunk, FRAME_END)
         return b"".join(parts)
 
     def send(self, messages: list[bytes]) -> list[asyncio.Future[object]]:

@@ -34,6 +34,7 @@ from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._membership import Members, targets
 from nervus.transports.rabbitmq._outage import Outage, alive
 from nervus.transports.rabbitmq._publisher import Publisher, confirmed, publisher_on
+from nervus.transports.rabbitmq._reader import Consumer, OnClosed, OnDelivery, Reader, connect
 
 if TYPE_CHECKING:
     from nervus.transports.rabbitmq._transport import RabbitTransport
@@ -41,20 +42,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("nervus.transports.rabbitmq")
 
 Pair = tuple[str, int]
+_PREFETCH_MAX = 65535  # Basic.Qos carries the prefetch count in 16 bits
 _Control = tuple[str, str, dict[str, Any], bytes, str | None]
 """A control message: exchange, routing key, headers, body, message id."""
 
 
 class _Owned:
-    """A partition this member holds the lock of, with the AMQP channels reading it.
+    """A partition this member holds the lock of, with what reads it.
 
-    ``stream`` and ``retries`` are the client's channels (closed to stop reading),
-    ``stream_amqp`` and ``retries_amqp`` the protocol channels under them, which
-    consume and acknowledge without wrapping each message in an object of the
-    client. Stream acknowledgements only return credit (the group keeps its own
-    positions), so the stream is acknowledged ``multiple`` up to the newest
-    message handed out once ``credit_every`` of them are waiting: the prefetch
-    window never closes, and a fetch costs no acknowledgement of its own.
+    ``stream`` consumes the partition's stream on the member's stream reader;
+    ``retries`` is the client's channel consuming the retry queue (closed to stop
+    it) and ``retries_amqp`` the protocol channel under it, which acknowledges
+    without wrapping each message in an object of the client. Stream
+    acknowledgements only return credit (the group keeps its own positions), so
+    the stream is acknowledged ``multiple`` up to the newest message handed out
+    once ``credit_every`` of them are waiting: the prefetch window never closes,
+    and a fetch costs no acknowledgement of its own.
     """
 
     __slots__ = (
@@ -67,7 +70,6 @@ class _Owned:
         "retries_amqp",
         "start",
         "stream",
-        "stream_amqp",
         "unacknowledged",
     )
 
@@ -75,9 +77,8 @@ class _Owned:
         self,
         channel: str,
         partition: int,
-        stream: AbstractChannel,
+        stream: Consumer,
         retries: AbstractChannel,
-        stream_amqp: aiormq.abc.AbstractChannel,
         retries_amqp: aiormq.abc.AbstractChannel,
         start: int,
         after_ms: float | None,
@@ -87,7 +88,6 @@ class _Owned:
         self.partition = partition
         self.stream = stream
         self.retries = retries
-        self.stream_amqp = stream_amqp
         self.retries_amqp = retries_amqp
         self.start = start  # stream offsets below it are skipped
         self.after_ms = after_ms  # until one passes, skip messages published before it
@@ -95,12 +95,11 @@ class _Owned:
         self.unacknowledged = 0  # stream messages handed out or skipped, not yet acknowledged
         self.last_tag = 0  # the newest of them
 
-    async def return_credit(self) -> None:
-        """Acknowledge the stream up to the newest message handed out or skipped."""
+    def return_credit(self) -> None:
+        """Acknowledge the stream up to the newest message handed out or skipped
+        (nothing happens once the stream's channel is closed: the partition was revoked)."""
         self.unacknowledged = 0
-        # A closed channel means the partition was revoked.
-        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
-            await self.stream_amqp.basic_ack(self.last_tag, multiple=True, wait=False)
+        self.stream.ack(self.last_tag, multiple=True)
 
 
 class _Handle:
@@ -134,12 +133,18 @@ class RabbitSubscription(Subscription):
     the group's committed positions (and their retry queues); commits settled
     positions at most every ``commit_interval`` seconds.
 
-    Each subscription has a connection of its own: the broker drops its locks, and
-    requeues the retries it held, the moment that connection drops. When it drops
-    while the subscription is open, the member gives up its partitions (what it
-    fetched and had not settled is delivered again), reconnects with backoff, commits
-    the positions it had settled and takes its share of the partitions again; in the
-    meantime ``fetch`` raises ``TransportUnavailable`` (retryable).
+    Each subscription has two connections of its own: one through the client, for
+    the lock queues, the retry queues, control messages and membership (the broker
+    drops the locks, and requeues the retries held, the moment it drops), and its
+    stream reader (``_reader.py``), which consumes the streams of its partitions.
+    A partition is only read while both are up, so when either drops while the
+    subscription is open the member treats it as an outage of both: it gives up its
+    partitions (what it fetched and had not settled is delivered again), commits the
+    positions it had settled if the client's connection still works, closes what is
+    left, reconnects both with backoff, commits what is still uncommitted and takes
+    its share of the partitions again; in the meantime ``fetch`` raises
+    ``TransportUnavailable`` (retryable). A partition whose stream the broker stops
+    (its channel closed, its consumer cancelled) is given up and taken again.
     """
 
     def __init__(
@@ -154,12 +159,15 @@ class RabbitSubscription(Subscription):
         self._transport = transport
         self._settings = transport.settings
         self._counts = dict(channels)
-        self._prefetch = max_in_flight
+        self._prefetch = min(max_in_flight, _PREFETCH_MAX)
         self._member = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._members = Members(
             group, self._member, frozenset(channels), self._settings.session_seconds
         )
         self._connection: AbstractConnection | None = None
+        self._reader: Reader | None = None
+        self._hang_ups: set[asyncio.Task[None]] = set()
+        self._broken: list[_Owned] = []  # stopped by the broker, to give up
         self._control: AbstractChannel | None = None
         self._publisher: Publisher | None = None  # on the control channel
         self._owned: dict[Pair, _Owned] = {}
@@ -193,7 +201,7 @@ class RabbitSubscription(Subscription):
             return []
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            out = await self._take(max_messages)
+            out = self._take(max_messages)
             if out or self._closed:
                 return out
             if self._outage.down:
@@ -210,7 +218,7 @@ class RabbitSubscription(Subscription):
                 async with asyncio.timeout(remaining):
                     await self._ready.wait()
 
-    async def _take(self, limit: int) -> list[Delivery]:
+    def _take(self, limit: int) -> list[Delivery]:
         buffer, owned, fetched = self._buffer, self._owned, self._tracker.fetched
         out: list[Delivery] = []
         credit: list[_Owned] = []
@@ -228,33 +236,73 @@ class RabbitSubscription(Subscription):
                 if source.unacknowledged == source.credit_every:
                     credit.append(source)
         for source in credit:
-            await source.return_credit()
+            source.return_credit()
         return out
 
-    def _on_stream(self, owned: _Owned) -> Any:
-        key = (owned.channel, owned.partition)
+    def _on_stream(self, owned: _Owned) -> OnDelivery:
+        key = channel, partition = owned.channel, owned.partition
+        buffer, ready, drop = self._buffer, self._ready, _names.BROKER_HEADERS
 
-        async def deliver(message: DeliveredMessage) -> None:
+        def deliver(tag: int, routing_key: str, raw: dict[str, Any], body: bytes) -> None:
             if self._owned.get(key) is not owned:
                 return
-            raw = message.header.properties.headers or {}
-            offset = _number(raw.get("x-stream-offset"), -1)
+            offset = raw.get("x-stream-offset", -1)
+            if type(offset) is not int:
+                offset = _number(offset, -1)
             published = raw.get(_names.PUBLISHED_MS)
             if offset < owned.start or (
                 owned.after_ms is not None
                 and isinstance(published, int)
                 and published < owned.after_ms
             ):
-                owned.last_tag = message.delivery_tag or 0
+                owned.last_tag = tag
                 owned.unacknowledged += 1
                 if owned.unacknowledged >= owned.credit_every:
-                    await owned.return_credit()
+                    owned.return_credit()
                 return
             owned.after_ms = None
-            self._buffer.append(self._delivery(owned, message, raw, offset, 1, False))
-            self._ready.set()
+            _, dot, rest = routing_key.partition(".")
+            buffer.append(
+                Delivery(
+                    channel=channel,
+                    partition=partition,
+                    offset=offset,
+                    key=rest if dot else None,
+                    headers={
+                        k: v if type(v) is str else _text(v)
+                        for k, v in raw.items()
+                        if k not in drop
+                    },
+                    body=body,
+                    timestamp=published / 1000 if isinstance(published, int) else 0.0,
+                    handle=_Handle(owned, tag, False),
+                )
+            )
+            ready.set()
 
         return deliver
+
+    def _on_stream_closed(self, owned: _Owned) -> OnClosed:
+        key = (owned.channel, owned.partition)
+
+        def closed(error: TransportError) -> None:
+            if self._owned.get(key) is not owned:
+                return
+            log.warning(
+                "member %s of group %r stopped reading %s[%d]: %s; it gives the partition "
+                "up and takes it again",
+                self._member,
+                self.group,
+                owned.channel,
+                owned.partition,
+                error,
+            )
+            del self._owned[key]
+            self._tracker.forget(*key)
+            self._broken.append(owned)
+            self._members.changed.set()  # the membership loop gives it up
+
+        return closed
 
     def _on_retry(self, owned: _Owned) -> Any:
         key = (owned.channel, owned.partition)
@@ -265,29 +313,24 @@ class RabbitSubscription(Subscription):
             raw = message.header.properties.headers or {}
             offset = _number(raw.get(_names.OFFSET), -1)
             attempt = _number(raw.get(_names.ATTEMPT), 2)
-            self._buffer.append(self._delivery(owned, message, raw, offset, attempt, True))
+            self._buffer.append(self._retried(owned, message, raw, offset, attempt))
             self._ready.set()
 
         return deliver
 
     @staticmethod
-    def _delivery(
+    def _retried(
         owned: _Owned,
         message: DeliveredMessage,
         raw: dict[str, Any],
         offset: int,
         attempt: int,
-        retry: bool,
     ) -> Delivery:
         drop = _names.BROKER_HEADERS
         headers = {k: v if type(v) is str else _text(v) for k, v in raw.items() if k not in drop}
         published = raw.get(_names.PUBLISHED_MS)
-        if retry:
-            key_header = raw.get(_names.KEY)
-            key = None if key_header is None else _text(key_header)
-        else:
-            _, dot, rest = (message.routing_key or "").partition(".")
-            key = rest if dot else None
+        key_header = raw.get(_names.KEY)
+        key = None if key_header is None else _text(key_header)
         return Delivery(
             channel=owned.channel,
             partition=owned.partition,
@@ -297,7 +340,7 @@ class RabbitSubscription(Subscription):
             body=message.body,
             attempt=attempt,
             timestamp=published / 1000 if isinstance(published, int) else 0.0,
-            handle=_Handle(owned, message.delivery_tag or 0, retry),
+            handle=_Handle(owned, message.delivery_tag or 0, True),
         )
 
     # -- settling ---------------------------------------------------------------
@@ -461,32 +504,52 @@ class RabbitSubscription(Subscription):
     # -- connection -------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Open a connection, its control channel, and join the group's announcements."""
+        """Open the client's connection, its control channel, join the group's
+        announcements, then open the stream reader."""
         connection = await self._transport.open_connection()
+        timeout = self._settings.connect_timeout
         try:
             self._connection = connection
-            async with asyncio.timeout(self._settings.connect_timeout):
+            async with asyncio.timeout(timeout):
                 self._control = await connection.channel(publisher_confirms=True)
                 self._publisher = None
                 await self._members.start(await connection.channel())
+            reader = await connect(
+                self._settings.amqp_url,
+                where=self._transport.where,
+                timeout=timeout,
+                name=f"nervus streams of {self._member} in group {self.group}",
+            )
         except BaseException:
             self._connection = None
             with contextlib.suppress(Exception):
                 await connection.close()
             raise
+        self._reader = reader
+        reader.on_lost = self._on_reader_lost
         connection.close_callbacks.add(self._on_close)
+
+    def _alive(self) -> bool:
+        """Whether both connections are open."""
+        return alive(self._connection) and self._reader is not None and self._reader.is_open
 
     def _on_close(self, connection: object, error: BaseException | None) -> None:
         if not self._closed and connection is self._connection:
             self._lost(error)
 
+    def _on_reader_lost(self, reader: Reader, error: BaseException) -> None:
+        if not self._closed and reader is self._reader:
+            self._lost(error)
+
     def _lost(self, error: BaseException | None) -> None:
-        """The connection dropped: give up every partition (the broker released the
-        locks) and let the membership loop reconnect."""
+        """A connection dropped: give up every partition (the broker released the
+        locks, or does once the other connection is closed), close the other, and let
+        the membership loop reconnect both."""
         if self._outage.down:
             return
         self._outage.lost(error)
         self._revoke_all()
+        self._hang_up()
         self._members.changed.set()  # wakes the membership loop, which reconnects
         self._ready.set()  # wakes fetch, which reports the outage
 
@@ -494,11 +557,46 @@ class RabbitSubscription(Subscription):
         for pair in list(self._owned):
             self._tracker.forget(*pair)
         self._owned.clear()
+        self._broken.clear()
         self._buffer.clear()
 
+    def _hang_up(self) -> None:
+        """Close both connections in the background (``_hung_up`` waits for it)."""
+        task = asyncio.get_running_loop().create_task(
+            self._close_both(self._connection, self._reader)
+        )
+        self._hang_ups.add(task)
+        task.add_done_callback(self._hang_ups.discard)
+
+    async def _close_both(
+        self, connection: AbstractConnection | None, reader: Reader | None
+    ) -> None:
+        """Close the stream reader and the client's connection; while the latter still
+        works, commit the settled positions first, so that the partitions' next
+        owners do not read them again."""
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        if connection is None or not alive(connection):
+            return
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._settings.connect_timeout):
+                if self._positions:
+                    await self._commit()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self._settings.connect_timeout):
+                await connection.close()
+
+    async def _hung_up(self) -> None:
+        """Wait until the connections being closed in the background are closed."""
+        while self._hang_ups:
+            await asyncio.wait(set(self._hang_ups))
+
     async def _reconnect(self) -> bool:
-        """One reconnection attempt: connect, commit what was settled before the
-        outage (so it is not read again), then rebalance as usual."""
+        """One reconnection attempt: once the connections that were left are closed,
+        connect both, commit what was settled before the outage (so it is not read
+        again), then rebalance as usual."""
+        await self._hung_up()
         try:
             await self._connect()
             self._revoke_all()  # anything acquired while the connection was dying
@@ -509,6 +607,8 @@ class RabbitSubscription(Subscription):
         except Exception as exc:
             self._outage.failed(exc)
             connection, self._connection = self._connection, None
+            reader, self._reader = self._reader, None
+            await self._close_both(None, reader)
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -530,7 +630,7 @@ class RabbitSubscription(Subscription):
             changed.clear()
             if self._closed:
                 break
-            if not self._outage.down and not alive(self._connection):
+            if not self._outage.down and not self._alive():
                 self._lost(None)
             if self._outage.down:
                 if self._outage.wait() > 0 or not await self._reconnect():
@@ -544,7 +644,7 @@ class RabbitSubscription(Subscription):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not alive(self._connection):
+                if not self._alive():
                     self._lost(exc)  # one warning for the outage, not one per attempt
                     continue
                 log.warning(
@@ -555,6 +655,8 @@ class RabbitSubscription(Subscription):
                 )
 
     async def _rebalance(self) -> None:
+        while self._broken:
+            await self._give_up(self._broken.pop())
         wanted = targets(self._member, self._members.live(), self._counts)
         for pair in [p for p in self._owned if p not in wanted]:
             await self._release(pair)
@@ -565,7 +667,7 @@ class RabbitSubscription(Subscription):
 
     async def _acquire(self, pair: Pair) -> bool:
         """Take the partition's lock if it is free and start reading it."""
-        assert self._connection is not None
+        assert self._connection is not None and self._reader is not None
         channel, partition = pair
         retry_channel = await self._connection.channel()
         try:
@@ -574,7 +676,8 @@ class RabbitSubscription(Subscription):
             )
         except aiormq.exceptions.ChannelLockedResource:
             return False  # another member holds it (the failure closed the channel)
-        stream_channel: AbstractChannel | None = None
+        stream: Consumer | None = None
+        owned: _Owned | None = None
         try:
             offsets = await retry_channel.get_queue(
                 _names.offset_queue(channel, self.group, partition), ensure=False
@@ -593,17 +696,14 @@ class RabbitSubscription(Subscription):
                 argument = datetime.fromtimestamp(float(position["time"]), UTC)  # type: ignore[assignment]
             elif position.get("end"):
                 argument = "next"
-            stream_channel = await self._connection.channel()
-            await stream_channel.set_qos(prefetch_count=self._prefetch)
             await retry_channel.set_qos(prefetch_count=self._prefetch)
-            stream_amqp = await stream_channel.get_underlay_channel()
             retries_amqp = await retry_channel.get_underlay_channel()
+            stream = self._reader.consumer()
             owned = _Owned(
                 channel,
                 partition,
-                stream_channel,
+                stream,
                 retry_channel,
-                stream_amqp,
                 retries_amqp,
                 start,
                 after_ms,
@@ -611,20 +711,25 @@ class RabbitSubscription(Subscription):
             )
             self._tracker.forget(channel, partition)
             self._owned[pair] = owned
-            await stream_amqp.basic_consume(
+            await stream.consume(
                 _names.stream(channel, partition),
-                self._on_stream(owned),
+                prefetch=self._prefetch,
                 arguments={"x-stream-offset": argument},
+                on_delivery=self._on_stream(owned),
+                on_closed=self._on_stream_closed(owned),
             )
             await retries_amqp.basic_consume(
                 _names.retry_queue(channel, self.group, partition), self._on_retry(owned)
             )
         except BaseException:
-            self._owned.pop(pair, None)
-            for ch in (stream_channel, retry_channel):
-                if ch is not None and not ch.is_closed:
-                    with contextlib.suppress(Exception):
-                        await ch.close()
+            if owned is not None and self._owned.get(pair) is owned:
+                del self._owned[pair]
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.close()
+            if not retry_channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await retry_channel.close()
             with contextlib.suppress(Exception):
                 await self._unlock(pair)
             raise
@@ -637,6 +742,11 @@ class RabbitSubscription(Subscription):
         if owned is None:
             return
         self._tracker.forget(*pair)
+        await self._give_up(owned)
+
+    async def _give_up(self, owned: _Owned) -> None:
+        """Stop reading a partition no longer owned, commit its settled position, unlock it."""
+        pair = (owned.channel, owned.partition)
         await self._stop(owned)
         await self._commit(pair)
         await self._unlock(pair)
@@ -644,10 +754,11 @@ class RabbitSubscription(Subscription):
     @staticmethod
     async def _stop(owned: _Owned) -> None:
         # Closing the channels cancels the consumers and requeues unsettled retries.
-        for ch in (owned.stream, owned.retries):
-            if not ch.is_closed:
-                with contextlib.suppress(Exception):
-                    await ch.close()
+        with contextlib.suppress(Exception):
+            await owned.stream.close()
+        if not owned.retries.is_closed:
+            with contextlib.suppress(Exception):
+                await owned.retries.close()
 
     async def _unlock(self, pair: Pair) -> None:
         control = await self._control_channel()
@@ -667,7 +778,13 @@ class RabbitSubscription(Subscription):
                 await task
         self._transport.forget_subscription(self)
         owned, self._owned = list(self._owned.values()), {}
+        self._broken.clear()
         self._buffer.clear()
+        await self._hung_up()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close()  # stops every stream at once
         connection, self._connection = self._connection, None
         if connection is None:
             return
