@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -105,10 +106,12 @@ async def test_plain_client_reads_what_nervus_publishes(rabbitmq_url: str) -> No
         async with asyncio.timeout(10):
             message = await received.get()
         assert message.body == b'{"n": 7}'
-        assert message.routing_key is not None and message.routing_key.endswith(".order-7")
+        assert message.routing_key is not None
+        assert message.routing_key.startswith(f"nervus.{channel}.")
+        assert message.headers["nervus_key"] == "order-7"
+        assert isinstance(message.headers["nervus_published_ms"], int)
         assert message.message_id == "evt-1"
         assert message.content_type == "application/json"
-        assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         for name, value in headers.items():
             assert message.headers[name] == value
         await asyncio.sleep(0.2)
@@ -166,6 +169,49 @@ async def _drain(transport: Transport, channel: str, group: str, count: int) -> 
     return got
 
 
+async def test_a_subscriber_gets_the_key_headers_and_time_of_what_nervus_publishes(
+    rabbitmq_url: str,
+) -> None:
+    channel, group = _name("fields"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    try:
+        await transport.ensure_channel(channel, 3)
+        headers = {
+            "ce_id": "evt-9",
+            "ce_type": "shop.order.placed.v1",
+            "ce_source": "orders",
+            "ce_specversion": "1.0",
+            "ce_time": "2026-01-01T00:00:00Z",
+            "content-type": "application/json",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "x-app": "ünïcode ✓",
+        }
+        before = time.time()
+        await transport.publish(
+            channel,
+            [OutgoingMessage("order-9", headers, b"keyed"), OutgoingMessage(None, {}, b"none")],
+        )
+        got = {d.body: d for d in await _drain(transport, channel, group, 2)}
+        assert set(got) == {b"keyed", b"none"}
+        keyed, unkeyed = got[b"keyed"], got[b"none"]
+        assert (keyed.key, unkeyed.key) == ("order-9", None)
+        assert keyed.headers == headers  # nothing the transport added shows
+        assert unkeyed.headers == {}
+        assert before - 1 <= keyed.timestamp <= time.time() + 1
+    finally:
+        await transport.close()
+
+
+async def test_wrong_stream_port_fails_in_connect(rabbitmq_url: str) -> None:
+    transport = from_url(_url(rabbitmq_url, "stream_port=1&connect_timeout=3"))
+    with pytest.raises(TransportUnavailable) as caught:
+        async with asyncio.timeout(10):
+            await transport.connect()
+    host = urlsplit(rabbitmq_url).hostname
+    assert f"{host}:1" in str(caught.value)
+    assert "stream_port=1" in str(caught.value)
+
+
 async def test_concurrent_publish_calls_all_land_once_in_key_order(rabbitmq_url: str) -> None:
     channel, group = _name("concurrent"), _name("group")
     transport = await _open(_url(rabbitmq_url))
@@ -218,21 +264,41 @@ async def test_a_message_larger_than_a_frame_arrives_whole(rabbitmq_url: str) ->
         await transport.close()
 
 
-async def test_a_deleted_exchange_fails_a_publish_then_is_declared_again(
+async def test_a_call_larger_than_a_stream_frame_arrives_whole(rabbitmq_url: str) -> None:
+    channel, group = _name("frames"), _name("group")
+    transport = await _open(_url(rabbitmq_url))
+    try:
+        await transport.ensure_channel(channel, 1)
+        body = b"x" * 8000
+        # 3 MB to one stream: more than one frame of the stream protocol
+        await transport.publish(
+            channel, [OutgoingMessage("k", {"n": str(n)}, body) for n in range(375)]
+        )
+        with pytest.raises(TransportError, match="does not fit"):
+            await transport.publish(channel, [OutgoingMessage("k", {}, b"y" * 2_000_000)])
+        got = await _drain(transport, channel, group, 375)
+        assert [d.headers["n"] for d in got] == [str(n) for n in range(375)]
+        assert all(d.body == body for d in got)
+    finally:
+        await transport.close()
+
+
+async def test_a_deleted_stream_fails_a_publish_then_is_declared_again(
     rabbitmq_url: str,
 ) -> None:
     channel = _name("gone")
     transport = await _open(_url(rabbitmq_url))
     connection = await aio_pika.connect(rabbitmq_url)
     try:
-        await transport.ensure_channel(channel, 2)
+        await transport.ensure_channel(channel, 1)
+        await transport.publish(channel, [OutgoingMessage("k", {}, b"before")])
         amqp = await connection.channel()
-        await amqp.exchange_delete(f"nervus.{channel}")
-        # the broker closes the publishing channel: the call fails instead of waiting
-        with pytest.raises(TransportError):
+        await amqp.queue_delete(f"nervus.{channel}.0")
+        # the call fails, naming the stream, instead of waiting
+        with pytest.raises(TransportError, match=f"nervus.{channel}.0"):
             async with asyncio.timeout(10):
                 await transport.publish(channel, [OutgoingMessage("k", {}, b"lost")])
-        # the next publish declares the exchange and its bindings again
+        # the next publish declares the stream again
         await transport.publish(channel, [OutgoingMessage("k", {"ce_id": "a-1"}, b"kept")])
         got = await _drain(transport, channel, _name("group"), 1)
         assert [d.body for d in got] == [b"kept"]
@@ -325,9 +391,12 @@ def test_bad_url_options_are_all_reported() -> None:
 
 
 def test_settings_validate_names_every_problem() -> None:
-    problems = RabbitSettings(amqp_url="amqp://x/", max_bytes=0, commit_interval=-1).validate()
-    assert len(problems) == 2
+    problems = RabbitSettings(
+        amqp_url="amqp://x/", max_bytes=0, commit_interval=-1, stream_port=0
+    ).validate()
+    assert len(problems) == 3
     assert any("max_bytes=0" in p for p in problems)
+    assert any("stream_port=0" in p for p in problems)
 
 
 def test_delay_buckets_never_round_down() -> None:

@@ -22,10 +22,12 @@ from pamqp import commands, frame
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
+from rstream import amqp_decoder
 
 from nervus.errors import TransportError, TransportUnavailable
 from nervus.transports.rabbitmq._amqp import decode_table, field_table
 from nervus.transports.rabbitmq._reader import Consumer, Reader
+from nervus.transports.rabbitmq._streams import encode
 
 pytestmark = pytest.mark.unit
 
@@ -558,3 +560,33 @@ async def test_a_broker_that_does_not_answer_is_given_up() -> None:
     assert "Channel.OpenOk" in str(caught.value) and WHERE in str(caught.value)
     await asyncio.sleep(0)
     assert wire.closed and len(lost) == 1
+
+
+def test_a_stream_message_decodes_as_an_amqp_1_0_client_reads_it() -> None:
+    headers: dict[str, str | int] = {
+        "ce_id": "évt-1",
+        "content-type": "application/json",
+        "nervus_published_ms": 1_795_000_000_000,
+        "negative": -3,
+        "long": "x" * 300,
+    }
+    body = b"\x00" * 70_000
+    message = amqp_decoder(encode(headers, body, "évt-1", "application/json"))
+    assert message.body == body
+    assert message.properties is not None
+    assert message.properties.message_id == "évt-1".encode()
+    assert message.properties.content_type == b"application/json"
+    assert {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in (message.application_properties or {}).items()
+    } == headers
+
+
+def test_a_stream_message_without_properties_or_headers_is_just_its_body() -> None:
+    message = amqp_decoder(encode({}, b"plain"))
+    assert message.body == b"plain"
+    assert message.properties is None
+    assert not message.application_properties
+    # a content type AMQP 1.0 cannot carry as a symbol is left to the headers
+    message = amqp_decoder(encode({}, b"x", None, "tëxt/plain"))
+    assert message.properties is None

@@ -2,9 +2,12 @@
 
 Per channel ``C`` with ``N`` partitions:
 
-* ``nervus.C`` — topic exchange; a message goes with routing key ``P.KEY`` (``P``
-  when it has no key), ``P`` being ``partition_for(KEY)``;
-* ``nervus.C.P`` — stream queue of partition ``P``, bound with ``P.#`` (the log);
+* ``nervus.C.P`` — stream queue of partition ``P`` (the log), ``P`` being
+  ``partition_for(KEY)``; nervus publishes to it over the stream protocol, the
+  key in the header ``nervus_key``;
+* ``nervus.C`` — topic exchange routing ``P.KEY`` (``P`` when there is no key) to
+  partition ``P``'s stream, bound with ``P.#``: for AMQP 0-9-1 publishers, whose
+  messages the subscription reads the key of from the routing key;
 * ``nervus.C.partitions`` — empty queue whose ``x-max-length`` records ``N``.
 
 Per group ``G`` reading channel ``C``, for each partition ``P``:
@@ -86,10 +89,6 @@ def delay_queue(channel: str, group: str, milliseconds: int) -> str:
 
 def members_exchange(group: str) -> str:
     return f"{PREFIX}.{group}.members"
-
-
-def routing_key(partition: int, key: str | None) -> str:
-    return str(partition) if key is None else f"{partition}.{key}"
 
 
 def delay_bucket(delay: float) -> int:

@@ -1,4 +1,6 @@
-"""Publishing with publisher confirms, many messages per socket write.
+"""Publishing control messages (redeliveries, through the delay and retry queues)
+over AMQP 0-9-1 with publisher confirms, many messages per socket write;
+channel messages go over the stream protocol instead (``_streams.py``).
 
 aio-pika's ``Exchange.publish`` hands the connection one message at a time and
 waits until it is written before the next one goes: a socket write per message,

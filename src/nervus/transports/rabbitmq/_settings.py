@@ -13,7 +13,9 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
     ``partitions`` is the partition count of channels created by this transport (a
     channel that exists keeps its count). ``connect_timeout`` bounds ``connect()`` and
     each reconnection attempt; ``publish_timeout`` bounds how long ``publish`` waits
-    for the broker's confirms.
+    for the broker's confirms. ``stream_port`` is the port of the broker's stream
+    protocol listener (the ``rabbitmq_stream`` plugin) on the URL's host: channel
+    messages are published over it, straight to the partition's stream.
     ``heartbeat_seconds`` is how often a group member announces itself;
     ``session_seconds`` how long a member that stopped announcing still counts as
     alive (a member that closes says so and leaves at once; a crashed member's
@@ -27,6 +29,7 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
     partitions: int = 8
     connect_timeout: float = 10.0
     publish_timeout: float = 30.0
+    stream_port: int = 5552
     heartbeat_seconds: float = 1.0
     session_seconds: float = 6.0
     commit_interval: float = 0.2
@@ -37,6 +40,8 @@ class RabbitSettings(msgspec.Struct, kw_only=True):
         problems: list[str] = []
         if not 1 <= self.partitions <= 1024:
             problems.append(f"partitions={self.partitions} must be between 1 and 1024")
+        if not 1 <= self.stream_port <= 65535:
+            problems.append(f"stream_port={self.stream_port} must be a TCP port, 1 to 65535")
         for name in ("connect_timeout", "publish_timeout", "heartbeat_seconds", "session_seconds"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)} must be positive")

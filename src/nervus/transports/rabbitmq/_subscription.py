@@ -242,6 +242,7 @@ class RabbitSubscription(Subscription):
     def _on_stream(self, owned: _Owned) -> OnDelivery:
         key = channel, partition = owned.channel, owned.partition
         buffer, ready, drop = self._buffer, self._ready, _names.BROKER_HEADERS
+        prefix = f"{partition}."
 
         def deliver(tag: int, routing_key: str, raw: dict[str, Any], body: bytes) -> None:
             if self._owned.get(key) is not owned:
@@ -261,13 +262,19 @@ class RabbitSubscription(Subscription):
                     owned.return_credit()
                 return
             owned.after_ms = None
-            _, dot, rest = routing_key.partition(".")
+            key_header = raw.get(_names.KEY)
+            if key_header is not None:
+                message_key: str | None = (
+                    key_header if type(key_header) is str else _text(key_header)
+                )
+            else:  # published through the exchange: routing key ``P.KEY``
+                message_key = routing_key[len(prefix) :] if routing_key.startswith(prefix) else None
             buffer.append(
                 Delivery(
                     channel=channel,
                     partition=partition,
                     offset=offset,
-                    key=rest if dot else None,
+                    key=message_key,
                     headers={
                         k: v if type(v) is str else _text(v)
                         for k, v in raw.items()

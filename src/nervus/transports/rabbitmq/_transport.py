@@ -12,7 +12,9 @@ When the broker goes away
       (retryable) naming the broker, after at most one reconnection attempt bounded
       by ``connect_timeout``; a publish whose confirms do not arrive within
       ``publish_timeout`` raises it too. As the contract says, a publish that failed
-      may still have been accepted in part.
+      may still have been accepted in part. The AMQP connection and the stream
+      connection that publishing uses count as one: when either drops, both are
+      opened again.
     - ``fetch`` raises ``TransportUnavailable`` (retryable: the runtime fetches again
       with backoff) while the subscription's connection is down, and returns
       deliveries again once it is back. Deliveries fetched before the connection
@@ -38,7 +40,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq.exceptions
@@ -57,8 +59,13 @@ from nervus.transports._contract import (
 from nervus.transports._urls import parse_options
 from nervus.transports.rabbitmq import _names
 from nervus.transports.rabbitmq._outage import Outage, alive
-from nervus.transports.rabbitmq._publisher import Publisher, confirmed, publisher_on
 from nervus.transports.rabbitmq._settings import RabbitSettings, redact
+from nervus.transports.rabbitmq._streams import (
+    StreamPublisher,
+    describe,
+    describe_error,
+    encode,
+)
 from nervus.transports.rabbitmq._subscription import RabbitSubscription
 
 log = logging.getLogger("nervus.transports.rabbitmq")
@@ -71,8 +78,10 @@ _DELAY_IDLE_MS = 600_000  # a delay queue unused that much longer than its TTL i
 class RabbitTransport(Transport):
     """Channels, consumer groups, delayed redelivery and replay on RabbitMQ.
 
-    A channel is a topic exchange routing each message, by the partition nervus
-    computes from its key, to that partition's stream queue. Streams keep
+    A channel is a stream queue per partition; ``publish`` sends each message over
+    the stream protocol straight to the stream of the partition nervus computes from
+    its key (the key travels in a header). A topic exchange routing ``P.KEY`` to
+    partition ``P`` is declared too, for AMQP 0-9-1 publishers. Streams keep
     history, so a new group starts at the beginning and any group can replay.
     A group member owns a partition while its connection holds the partition's
     exclusive lock queue; members announce themselves on a fanout exchange and
@@ -98,10 +107,10 @@ class RabbitTransport(Transport):
         self.settings = settings
         self.where = redact(settings.amqp_url)
         self._connection: AbstractConnection | None = None
-        self._publisher: Publisher | None = None
+        self._streams: StreamPublisher | None = None
         self._admin: AbstractChannel | None = None
         self._admin_lock = asyncio.Lock()
-        self._exchanges: dict[str, tuple[bytes, int]] = {}
+        self._partition_counts: dict[str, int] = {}
         self._group_channels: set[tuple[str, str]] = set()
         self._delay_queues: dict[str, float] = {}
         self._round_robin: dict[str, int] = {}
@@ -153,7 +162,6 @@ class RabbitTransport(Transport):
         try:
             # a broker still starting may accept connections long before channels
             async with asyncio.timeout(self.settings.connect_timeout):
-                publisher = await self._open_publisher(connection)
                 admin = await connection.channel(publisher_confirms=True)
         except Exception as exc:
             with contextlib.suppress(Exception):
@@ -162,16 +170,58 @@ class RabbitTransport(Transport):
                 f"cannot open a channel on RabbitMQ at {self.where} within "
                 f"{self.settings.connect_timeout}s (connect_timeout): {type(exc).__name__}: {exc}"
             ) from exc
-        # Declared again on first use: the broker may have lost what it had.
-        self._exchanges.clear()
-        old, self._connection = self._connection, connection
-        self._publisher, self._admin = publisher, admin
-        connection.close_callbacks.add(self._on_close)
-        if old is not None:  # the connection that dropped: release what it holds
+        try:
+            streams = await self._open_streams()
+        except BaseException:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self.settings.connect_timeout):
+                await connection.close()
+            raise
+        # Declared again on first use: the broker may have lost what it had.
+        self._partition_counts.clear()
+        old, self._connection = self._connection, connection
+        old_streams, self._streams = self._streams, streams
+        self._admin = admin
+        connection.close_callbacks.add(self._on_close)
+        # the connections that dropped: release what they hold
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.settings.connect_timeout):
+                if old is not None:
                     await old.close()
+                if old_streams is not None:
+                    await old_streams.close(self.settings.connect_timeout)
         return connection
+
+    async def _open_streams(self) -> StreamPublisher:
+        """A stream-protocol publisher on ``stream_port`` of the broker's host, within
+        ``connect_timeout``."""
+        parts = urlsplit(self.settings.amqp_url)
+        host = parts.hostname or "localhost"
+        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        streams = StreamPublisher(
+            host,
+            self.settings.stream_port,
+            vhost,
+            unquote(parts.username or "guest"),
+            unquote(parts.password or "guest"),
+        )
+        timeout = self.settings.connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await streams.start()
+        except BaseException as exc:
+            await streams.close(timeout)
+            if not isinstance(exc, Exception):
+                raise
+            reason = (
+                f"no answer within {timeout}s (connect_timeout)"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            raise TransportUnavailable(
+                f"cannot reach the stream listener of RabbitMQ at {streams.where} "
+                f"(stream_port={self.settings.stream_port}): {reason}"
+            ) from exc
+        return streams
 
     def _on_close(self, connection: object, error: BaseException | None) -> None:
         if not self._closed and connection is self._connection:
@@ -182,9 +232,7 @@ class RabbitTransport(Transport):
         while the broker cannot be reached (one attempt per backoff period, bounded by
         ``connect_timeout``; callers arriving during an attempt do not wait for it)."""
         connection = self._check()
-        if alive(connection) and not self._outage.down:
-            if self._publisher is None or self._publisher.is_closed:
-                await self._reopen_publisher(connection)
+        if alive(connection) and not self._outage.down and self._streams_alive():
             return connection
         if self._reconnect_lock.locked():
             raise TransportUnavailable(
@@ -193,10 +241,13 @@ class RabbitTransport(Transport):
         async with self._reconnect_lock:
             ensure_open(self._closed, f"RabbitMQ transport on {self.where}")
             connection = self._check()
-            if alive(connection) and not self._outage.down:
+            if alive(connection) and not self._outage.down and self._streams_alive():
                 return connection
             if not self._outage.down:
-                self._outage.lost(None)
+                streams = self._streams
+                self._outage.lost(
+                    ConnectionError(streams.lost) if streams is not None and streams.lost else None
+                )
             wait = self._outage.wait()
             if wait > 0:
                 raise TransportUnavailable(
@@ -211,32 +262,15 @@ class RabbitTransport(Transport):
             self._outage.restored()
             return connection
 
-    async def _reopen_publisher(self, connection: AbstractConnection) -> None:
-        """A new publishing channel, after the broker closed the last one."""
-        async with self._reconnect_lock:
-            if self._publisher is not None and not self._publisher.is_closed:
-                return
-            try:
-                publisher = await self._open_publisher(connection)
-            except Exception as exc:
-                self._unavailable(exc, "opening a channel")
-                raise TransportError(
-                    f"cannot open a channel on RabbitMQ at {self.where}: {exc}"
-                ) from exc
-            # The broker closes a channel that publishes to a missing exchange:
-            # declare the channel's exchange and streams again on its next use.
-            self._exchanges.clear()
-            self._publisher = publisher
-
-    @staticmethod
-    async def _open_publisher(connection: AbstractConnection) -> Publisher:
-        return await publisher_on(await connection.channel(publisher_confirms=True))
+    def _streams_alive(self) -> bool:
+        return self._streams is not None and self._streams.alive
 
     def _unavailable(self, exc: BaseException, doing: str, channel: str | None = None) -> None:
         """Raise ``TransportUnavailable`` for ``exc`` if it means the connection dropped."""
         connection = self._connection
         if (
             not alive(connection)
+            or not self._streams_alive()
             or self._outage.down
             or isinstance(
                 exc,
@@ -260,6 +294,9 @@ class RabbitTransport(Transport):
             with contextlib.suppress(Exception):
                 await sub.close()
         connection, self._connection = self._connection, None
+        streams, self._streams = self._streams, None
+        if streams is not None:
+            await streams.close(self.settings.connect_timeout)
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -285,12 +322,11 @@ class RabbitTransport(Transport):
 
     async def ensure_channel(self, channel: str, partitions: int | None = None) -> int:
         await self._live()
-        return (await self._channel(channel, partitions))[1]
+        return await self._channel(channel, partitions)
 
-    async def _channel(self, channel: str, partitions: int | None = None) -> tuple[bytes, int]:
-        """The channel's publish target (see ``Publisher.target``) and partition count,
-        declared on first use."""
-        known = self._exchanges.get(channel)
+    async def _channel(self, channel: str, partitions: int | None = None) -> int:
+        """The channel's partition count, its exchange and streams declared on first use."""
+        known = self._partition_counts.get(channel)
         if known is not None:
             return known
         if not channel:
@@ -301,7 +337,7 @@ class RabbitTransport(Transport):
         if problems:
             raise ConfigurationError(problems)
         async with self._admin_lock:
-            known = self._exchanges.get(channel)
+            known = self._partition_counts.get(channel)
             if known is not None:
                 return known
             try:
@@ -315,9 +351,8 @@ class RabbitTransport(Transport):
                     f"{type(exc).__name__}: {exc}",
                     channel=channel,
                 ) from exc
-            target = Publisher.target(_names.exchange(channel))
-            self._exchanges[channel] = (target, count)
-            return target, count
+            self._partition_counts[channel] = count
+            return count
 
     async def _declare_channel(self, channel: str, partitions: int) -> int:
         # Declarations that may fail run on a channel of their own: a failed
@@ -374,52 +409,63 @@ class RabbitTransport(Transport):
         await self._live()
         if not messages:
             return
-        target, count = await self._channel(channel)
-        publisher = self._publisher
-        assert publisher is not None
+        count = await self._channel(channel)
+        streams = self._streams
+        assert streams is not None
         counter = self._round_robin.get(channel, 0)
         self._round_robin[channel] = counter + len(messages)
         now = int(time.time() * 1000)
-        encode = publisher.encode
-        try:
-            frames = []
-            for i, m in enumerate(messages):
-                headers: dict[str, object] = dict(m.headers)
-                headers[_names.PUBLISHED_MS] = now
-                key = _names.routing_key(partition_for(m.key, count, counter + i), m.key)
-                frames.append(
-                    encode(
-                        target,
-                        key,
-                        headers,
-                        m.body,
-                        m.headers.get("ce_id"),
-                        m.headers.get("content-type"),
-                    )
-                )
-        except ValueError as exc:
-            raise TransportError(
-                f"cannot publish to RabbitMQ at {self.where}: {exc}", channel=channel
-            ) from exc
+        batches: dict[int, list[bytes]] = {}
+        for i, m in enumerate(messages):
+            headers: dict[str, str | int] = dict(m.headers)
+            headers[_names.PUBLISHED_MS] = now
+            if m.key is not None:
+                headers[_names.KEY] = m.key
+            partition = partition_for(m.key, count, counter + i)
+            data = encode(headers, m.body, m.headers.get("ce_id"), m.headers.get("content-type"))
+            batches.setdefault(partition, []).append(data)
         timeout = self.settings.publish_timeout
+        stream = ""
         try:
             async with asyncio.timeout(timeout):
-                failed = await confirmed(publisher.send(frames))
+                answers = []
+                for p, batch in batches.items():
+                    stream = _names.stream(channel, p)
+                    answers.append((stream, await streams.send(stream, batch)))
+                refused = [(stream, await answer) for stream, answer in answers]
         except TimeoutError as exc:
             raise TransportUnavailable(
-                f"RabbitMQ at {self.where} did not confirm {len(messages)} messages within "
+                f"RabbitMQ at {streams.where} did not confirm {len(messages)} messages within "
                 f"{timeout}s (publish_timeout); some may have been accepted",
                 channel=channel,
             ) from exc
-        if failed:
+        except Exception as exc:
             if self._closed:
                 ensure_open(True, f"RabbitMQ transport on {self.where}")
-            self._unavailable(failed[0], f"publishing {len(messages)} messages", channel)
+            self._partition_counts.pop(channel, None)  # declared again by the next call
+            self._unavailable(exc, f"publishing to stream {stream!r}", channel)
             raise TransportError(
-                f"RabbitMQ at {self.where} did not accept {len(failed)} of {len(messages)} "
-                f"messages: {type(failed[0]).__name__}: {failed[0]}",
+                f"publishing {len(messages)} messages to stream {stream!r} on RabbitMQ at "
+                f"{streams.where} failed: {describe_error(exc)}",
                 channel=channel,
-            ) from failed[0]
+            ) from exc
+        for stream, codes in refused:
+            if not codes:
+                continue
+            if self._closed:
+                ensure_open(True, f"RabbitMQ transport on {self.where}")
+            self._partition_counts.pop(channel, None)  # declared again by the next call
+            if not streams.alive:
+                raise TransportUnavailable(
+                    f"publishing {len(messages)} messages to stream {stream!r} on RabbitMQ at "
+                    f"{streams.where} failed: {streams.lost}; retry once the broker is back",
+                    channel=channel,
+                )
+            raise TransportError(
+                f"RabbitMQ at {streams.where} refused {len(codes)} of the {len(messages)} "
+                f"messages published to stream {stream!r}: code {describe(codes[0])}",
+                channel=channel,
+            )
 
     # -- groups -----------------------------------------------------------------
 
@@ -521,7 +567,7 @@ class RabbitTransport(Transport):
             raise ConfigurationError(["a consumer group name must not be empty"])
         found: dict[str, int] = {}
         for name in names:
-            found[name] = (await self._channel(name))[1]
+            found[name] = await self._channel(name)
             await self.ensure_group(name, group, found[name])
         if start is not None and start.kind != "committed":
             await self.move_positions(group, found, start)
