@@ -17,10 +17,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
+from _rabbitmq_support import fetch_ids, ids, messages
 
 from conftest import require_service
 from nervus.errors import TransportError, TransportUnavailable
-from nervus.transports import Delivery, OutgoingMessage, Subscription, from_url
+from nervus.transports import from_url
 from nervus.transports.rabbitmq import RabbitSubscription, RabbitTransport
 from nervus.transports.rabbitmq._reader import connect
 from nervus.transports.rabbitmq._settings import redact
@@ -169,28 +170,6 @@ async def test_a_refused_login_names_the_broker_and_its_reason(
     assert "not-the-password" not in text
 
 
-def _messages(batch: str, count: int) -> list[OutgoingMessage]:
-    return [
-        OutgoingMessage(f"key-{i % 3}", {"ce_id": f"{batch}-{i}"}, f"{batch} {i}".encode())
-        for i in range(count)
-    ]
-
-
-def _ids(items: list[OutgoingMessage] | list[Delivery]) -> set[str]:
-    return {m.headers["ce_id"] for m in items}
-
-
-async def _fetch_ids(sub: Subscription, wanted: set[str], timeout: float) -> list[Delivery]:
-    got: list[Delivery] = []
-    async with asyncio.timeout(timeout):
-        while not wanted <= _ids(got):
-            try:
-                got.extend(await sub.fetch(100, 0.2))
-            except TransportUnavailable:
-                await asyncio.sleep(0.1)
-    return got
-
-
 async def test_a_member_that_loses_its_stream_reader_goes_through_an_outage(
     rabbitmq_url: str,
     names: list[str],
@@ -207,11 +186,11 @@ async def test_a_member_that_loses_its_stream_reader_goes_through_an_outage(
     try:
         sub = await transport.subscribe([channel], group, max_in_flight=50)
         assert isinstance(sub, RabbitSubscription)
-        settled, held = _messages("settled", 10), _messages("held", 5)
+        settled, held = messages("settled", 10), messages("held", 5)
         await transport.publish(channel, settled)
-        await sub.ack(await _fetch_ids(sub, _ids(settled), 15))
+        await sub.ack(await fetch_ids(sub, ids(settled), 15))
         await transport.publish(channel, held)
-        unsettled = await _fetch_ids(sub, _ids(held), 15)
+        unsettled = await fetch_ids(sub, ids(held), 15)
 
         caplog.clear()
         await management.close_connection(f"nervus streams of {sub.member} in group {group}")
@@ -219,19 +198,19 @@ async def test_a_member_that_loses_its_stream_reader_goes_through_an_outage(
         async with asyncio.timeout(15):
             while error is None:
                 try:
-                    assert not _ids(await sub.fetch(10, 0.1)) & _ids(settled)
+                    assert not ids(await sub.fetch(10, 0.1)) & ids(settled)
                 except TransportUnavailable as exc:
                     error = exc
         assert transport.where in str(error)
         await sub.ack(unsettled)  # revoked by the outage: they come again
 
-        after = await _fetch_ids(sub, _ids(held), 30)
-        assert not _ids(after) & _ids(settled), "settled messages came again"
+        after = await fetch_ids(sub, ids(held), 30)
+        assert not ids(after) & ids(settled), "settled messages came again"
         await sub.ack(after)
         async with asyncio.timeout(30):
             while sub.assignment() != {(channel, 0), (channel, 1)}:
                 extra = await sub.fetch(10, 0.2)
-                assert not _ids(extra) & _ids(settled), "settled messages came again"
+                assert not ids(extra) & ids(settled), "settled messages came again"
                 await sub.ack(extra)
         lost = [
             r.getMessage()

@@ -20,10 +20,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from _rabbitmq_support import fetch_ids, ids, messages
 
 from nervus import Context, Event, Service, Settings
 from nervus.errors import TransportUnavailable
-from nervus.transports import Delivery, OutgoingMessage, Subscription, from_url
+from nervus.transports import from_url
 from nervus.transports.rabbitmq import RabbitSubscription, RabbitTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq, pytest.mark.slow]
@@ -66,30 +67,6 @@ def restartable_rabbitmq(rabbitmq_url: str) -> Iterator[str]:
 
 async def _in_thread(action: str) -> None:
     await asyncio.to_thread(_server, action)
-
-
-def _messages(batch: str, count: int) -> list[OutgoingMessage]:
-    return [
-        OutgoingMessage(f"key-{i % 3}", {"ce_id": f"{batch}-{i}"}, f"{batch} {i}".encode())
-        for i in range(count)
-    ]
-
-
-def _ids(items: list[OutgoingMessage] | list[Delivery]) -> set[str]:
-    return {m.headers["ce_id"] for m in items}
-
-
-async def _fetch_ids(sub: Subscription, wanted: set[str], timeout: float) -> list[Delivery]:
-    """Fetch until every id of ``wanted`` came, retrying while the broker is
-    unreachable; returns every delivery fetched."""
-    got: list[Delivery] = []
-    async with asyncio.timeout(timeout):
-        while not wanted <= _ids(got):
-            try:
-                got.extend(await sub.fetch(100, 0.2))
-            except TransportUnavailable:
-                await asyncio.sleep(0.2)
-    return got
 
 
 async def test_publishers_and_consumers_resume_after_a_broker_restart(
@@ -137,11 +114,11 @@ async def test_publishers_and_consumers_resume_after_a_broker_restart(
 
             # 1. A first batch, consumed and acknowledged; a second one fetched and
             #    left unsettled; the service handles a few events.
-            first, held = _messages("first", 12), _messages("held", 4)
+            first, held = messages("first", 12), messages("held", 4)
             await transport.publish(channel, first)
-            await sub.ack(await _fetch_ids(sub, _ids(first), 15))
+            await sub.ack(await fetch_ids(sub, ids(first), 15))
             await transport.publish(channel, held)
-            unsettled = await _fetch_ids(sub, _ids(held), 15)
+            unsettled = await fetch_ids(sub, ids(held), 15)
             for n in range(5):
                 await service.publish(Ping(n=n))
             await handled_all(range(5), 15)
@@ -153,14 +130,14 @@ async def test_publishers_and_consumers_resume_after_a_broker_restart(
             try:
                 with pytest.raises(TransportUnavailable) as caught:
                     async with asyncio.timeout(15):
-                        await transport.publish(channel, _messages("lost", 1))
+                        await transport.publish(channel, messages("lost", 1))
                 text = str(caught.value)
                 assert transport.where in text, text
                 assert restartable_rabbitmq not in text, "the password leaked into an error"
                 for _ in range(2):  # fails again, and logs no more warnings
                     with pytest.raises(TransportUnavailable):
                         async with asyncio.timeout(15):
-                            await transport.publish(channel, _messages("lost", 1))
+                            await transport.publish(channel, messages("lost", 1))
 
                 fetch_error: TransportUnavailable | None = None
                 async with asyncio.timeout(15):
@@ -199,7 +176,7 @@ async def test_publishers_and_consumers_resume_after_a_broker_restart(
                 if not restarted:
                     await _in_thread("up")
 
-            second = _messages("second", 12)
+            second = messages("second", 12)
             # a broker recovering many queues may take a while to answer again
             async with asyncio.timeout(RECOVERY_TIMEOUT):
                 while True:
@@ -208,14 +185,14 @@ async def test_publishers_and_consumers_resume_after_a_broker_restart(
                         break
                     except TransportUnavailable:
                         await asyncio.sleep(0.2)
-            after = await _fetch_ids(sub, _ids(second) | _ids(held), RECOVERY_TIMEOUT)
+            after = await fetch_ids(sub, ids(second) | ids(held), RECOVERY_TIMEOUT)
             await sub.ack(after)
-            assert not _ids(after) & _ids(first), "acknowledged messages came again"
+            assert not ids(after) & ids(first), "acknowledged messages came again"
             # the member takes its partitions back as its membership loop comes round
             async with asyncio.timeout(RECOVERY_TIMEOUT):
                 while sub.assignment() != {(channel, 0), (channel, 1)}:
                     extra = await sub.fetch(10, 0.2)
-                    assert not _ids(extra) & _ids(first), "acknowledged messages came again"
+                    assert not ids(extra) & ids(first), "acknowledged messages came again"
                     await sub.ack(extra)
 
             await late
