@@ -397,10 +397,20 @@ class Writer:
                 self._relaxed_queued += 1
             if not self._on_loop:
                 self._wakeup.notify()
-            elif not self._flush_scheduled and not self._busy:
-                # decide once every caller of this turn of the loop has queued
-                self._flush_scheduled = True
-                loop.call_soon(self._flush)
+                now = False
+            else:
+                # Nothing else ready to run: no other write can join this one before
+                # the flush would run, so it runs now, and the loop gets its turn after.
+                now = len(self._queue) == 1 and not self._busy and loop_is_idle(loop)
+                if not now and not self._flush_scheduled and not self._busy:
+                    # decide once every caller of this turn of the loop has queued
+                    self._flush_scheduled = True
+                    loop.call_soon(self._flush)
+        if now:
+            self._flush()
+            if fut.done():
+                await asyncio.sleep(0)  # the turn a caller of a coroutine expects
+                return fut.result()
         return await fut
 
     def _flush(self) -> None:
