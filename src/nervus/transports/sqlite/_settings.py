@@ -26,7 +26,8 @@ class SqliteSettings(msgspec.Struct, kw_only=True):
     processes; ``commit_interval`` how long settled positions may wait before being
     committed; ``busy_timeout`` how long a write waits for another process's lock;
     ``checkpoint_interval`` how often the WAL is copied into the database file (off
-    the write path, so commits never wait for it). ``commit_on_loop``: a lone write,
+    the write path: commits wait only while a checkpoint restarts a WAL of 1,000
+    frames or more, at most 0.2 s). ``commit_on_loop``: a lone write,
     when the event loop has nothing else to run, commits on the loop's thread
     instead of the writer's (a thread round trip costs more than the transaction's
     own work; the loop is held for that commit's fsync); ``false`` keeps every
