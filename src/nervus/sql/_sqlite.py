@@ -145,7 +145,6 @@ class Connection:
         self.name = name
         self.synchronous = synchronous.upper()
         self._errors = errors
-        self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._waits = waits
         self._executor: ThreadPoolExecutor | None = None
@@ -161,7 +160,7 @@ class Connection:
         self._conn = open_connection(
             self.path,
             writer=not self._waits,
-            synchronous=self._synchronous,
+            synchronous=self.synchronous,
             busy_timeout=self._busy_timeout,
         )
 
@@ -219,8 +218,7 @@ def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     waiting at most ``busy_timeout`` of this connection) while it copies what is
     left, so the next commit writes the WAL from its start again.
     """
-    mode = "PASSIVE"
-    busy, frames, done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if frames >= _RESTART_FRAMES:
         busy, frames, done = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
     return int(busy), int(frames), int(done)
@@ -340,7 +338,6 @@ class Writer:
     ) -> None:
         self.path = path
         self._errors = errors
-        self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._on_commit = on_commit
         self._lock = threading.Lock()
@@ -489,7 +486,7 @@ class Writer:
             conn = open_connection(
                 self.path,
                 writer=True,
-                synchronous=self._synchronous,
+                synchronous=self._sync_configured,
                 busy_timeout=self._busy_timeout,
             )
         except BaseException as exc:

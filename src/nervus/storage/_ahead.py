@@ -3,9 +3,9 @@
 A subscriber that got a full batch probably has more to read (it is catching up):
 the PostgreSQL store starts reading the next batch at once, so the server's work
 overlaps the subscriber's own, and the batch is often there when it asks (the
-SQLite store does not: its reading thread would compete with the subscriber for
-the GIL). A batch that was not full starts nothing: at the head
-of the log, a subscriber waits for new events as before.
+SQLite store reads on the event loop's thread: nothing would overlap). A batch
+that was not full starts nothing: at the head of the log, a subscriber waits for
+new events as before.
 """
 
 from __future__ import annotations

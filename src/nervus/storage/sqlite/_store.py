@@ -5,7 +5,8 @@ Appends run on the group-committing writer (``nervus.sql``): appends made while 
 transaction commits go together into the next one, each with its own version check
 and its own result. SQLite lets one transaction write at a time, so the rowid
 (the position) follows commit order and a reader never finds an event appearing
-below a position it has already read. Reads run on a reading connection's thread;
+below a position it has already read. Reads run at once on the event loop's thread,
+on a reading connection of their own (a WAL reader never waits for a writer);
 subscribers are woken at once by this process's appends and within
 ``poll_interval`` by other processes' (``PRAGMA data_version``).
 """
@@ -250,8 +251,8 @@ class SqliteEventStore(EventStore):
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         self._check()
         # No reading ahead while the subscriber handles a batch (the PostgreSQL store
-        # does): the reading thread gives up the GIL at every row, and competing with
-        # the subscriber's own Python for it makes both slower than taking turns.
+        # does): reads run on the event loop's thread, so there is nothing to overlap
+        # (on a thread, giving up the GIL at every row, they made both sides slower).
         while not self._closed:
             seen = self._changes.version
             events = await self.read_all(after, batch)

@@ -1,4 +1,4 @@
-"""One fetch pass on the reader thread: due retries first, then new messages of the
+"""One fetch pass on the reading connection: due retries first, then new messages of the
 owned partitions, sharing ``max_messages`` fairly among partitions."""
 
 from __future__ import annotations
