@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import pytest
+from _reading import read_everything
 
 from nervus import Event
 from nervus.runtime._outgoing import encode
@@ -259,7 +260,7 @@ async def check(
 
     # every committed event reached the transport; copies of one id are identical
     copies: dict[str, list[Delivery]] = defaultdict(list)
-    for d in await read_everything(transport_url, DEPOSITED):
+    for d in await read_everything(transport_url, DEPOSITED, idle=1.0):
         copies[d.headers["ce_id"]].append(d)
     published: dict[str, str] = {}  # nonce -> event id
     for event_id, same in copies.items():
@@ -281,17 +282,3 @@ async def check(
     assert set(hits.get("after-commit", ())) <= set(committed)
     duplicates = sum(len(same) - 1 for same in copies.values())
     print(f"{len(published)} events published, {duplicates} published again (same id)")
-
-
-async def read_everything(url: str, channel: str) -> list[Delivery]:
-    transport = from_url(url)
-    await transport.connect()
-    got: list[Delivery] = []
-    try:
-        sub = await transport.subscribe([channel], f"check-{uuid.uuid4().hex[:6]}")
-        while batch := await sub.fetch(1000, 1.0):
-            got.extend(batch)
-        await sub.ack(got)
-    finally:
-        await transport.close()
-    return got

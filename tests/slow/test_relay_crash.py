@@ -11,15 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from _reading import read_everything
 
 from nervus.core import Envelope
 from nervus.storage import ANY, store_from_url
-from nervus.transports import Delivery, from_url
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,7 @@ async def test_a_relay_killed_at_random_loses_nothing(tmp_path: Path) -> None:
         finally:
             relay.send_signal(signal.SIGKILL)
             relay.wait()
-    deliveries = await read_everything(transport_url, "crash.relay")
+    deliveries = await read_everything(transport_url, "crash.relay", idle=0.5)
     received: dict[str, list[str]] = defaultdict(list)
     for d in deliveries:
         received[str(d.key)].append(d.headers["ce_id"])
@@ -93,18 +92,3 @@ async def test_a_relay_killed_at_random_loses_nothing(tmp_path: Path) -> None:
     duplicates = len(deliveries) - total
     assert duplicates >= 0
     print(f"{total} events, {kills} relay kills, {duplicates} duplicates (same ids)")
-
-
-async def read_everything(url: str, channel: str) -> list[Delivery]:
-    transport = from_url(url)
-    await transport.connect()
-    got: list[Delivery] = []
-    try:
-        sub = await transport.subscribe([channel], f"check-{uuid.uuid4().hex[:6]}")
-        while batch := await sub.fetch(1000, 0.5):
-            got.extend(batch)
-        await sub.ack(got)
-    finally:
-        await transport.close()
-    # in partition order; a stream's events share a partition
-    return sorted(got, key=lambda d: (d.partition, d.offset))
